@@ -1,0 +1,223 @@
+"""Reading and writing Mamba LM checkpoints in the released layouts.
+
+Two folder layouts are read:
+
+* transformers ``MambaForCausalLM``: ``config.json`` with ``hidden_size, num_hidden_layers, state_size,
+  expand, conv_kernel, time_step_rank, vocab_size, layer_norm_epsilon`` and weights in ``model.safetensors``
+  (or sharded ``model-*.safetensors`` with ``model.safetensors.index.json``) or ``pytorch_model.bin``;
+  keys ``backbone.embeddings.weight``, ``backbone.layers.{i}.*``, ``backbone.norm_f.weight``, ``lm_head.weight``
+  (absent when tied).
+* mamba_ssm (``state-spaces/mamba-*``): ``config.json`` with ``d_model, n_layer, vocab_size, ssm_cfg,
+  rms_norm, residual_in_fp32, fused_add_norm, pad_vocab_size_multiple`` and ``pytorch_model.bin`` with keys
+  ``backbone.embedding.weight`` ... and the padded vocabulary.
+
+Pickled files are read with ``torch.load(weights_only=True)`` only. Every key is checked: a missing,
+unexpected or mis-shaped tensor raises :class:`CheckpointError` naming it.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .mamba_lm import MambaConfig
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder or file that cannot be loaded as asked; the message says what is wrong."""
+
+
+# ---------------------------------------------------------------------------- files
+def read_state_file(path) -> dict[str, torch.Tensor]:
+    """Tensors of one ``.safetensors`` or pickled ``.bin``/``.pt`` file, with a clear error if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint file not found: {path}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except CheckpointError:
+        raise
+    except Exception as e:  # truncated, corrupted, or holding arbitrary pickled objects
+        raise CheckpointError(f"cannot read checkpoint file {path}: it is truncated, corrupted or not a "
+                              f"weights file ({type(e).__name__}: {str(e)[:200]})") from e
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a dict of tensors (got {type(state).__name__})")
+    return state
+
+
+def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint folder: single or sharded safetensors, else single or sharded .bin."""
+    for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
+                               ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        if (folder / single).is_file():
+            return read_state_file(folder / single)
+        if (folder / index_name).is_file():
+            with open(folder / index_name) as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+            state = {}
+            for shard in shards:
+                state.update(read_state_file(folder / shard))
+            return state
+    raise CheckpointError(f"no weights in {folder}: expected model.safetensors, pytorch_model.bin or a "
+                          f"sharded index")
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise CheckpointError(f"missing {path.name} in {path.parent}")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+
+
+# ---------------------------------------------------------------------------- configs
+def config_from_transformers(cfg: dict) -> MambaConfig:
+    """MambaConfig from a transformers ``MambaConfig`` dict. transformers does not pad the vocabulary
+    (``vocab_size`` is the embedding size) unless the folder was written by :func:`save_mamba_lm`."""
+    ours = cfg.get("mambaprune") or {}
+    return MambaConfig(
+        d_model=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"],
+        vocab_size=ours.get("vocab_size", cfg["vocab_size"]),
+        d_state=cfg.get("state_size", 16), d_conv=cfg.get("conv_kernel", 4), expand=cfg.get("expand", 2),
+        dt_rank=cfg.get("time_step_rank", "auto"),
+        pad_vocab_size_multiple=ours.get("pad_vocab_size_multiple", 1),
+        rms_norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=cfg.get("tie_word_embeddings", True),
+        residual_in_fp32=cfg.get("residual_in_fp32", True), conv_bias=cfg.get("use_conv_bias", True),
+        bias=cfg.get("use_bias", False), eos_token_id=cfg.get("eos_token_id", 0),
+        pad_token_id=cfg.get("pad_token_id", 0),
+    )
+
+
+def config_to_transformers(config: MambaConfig) -> dict:
+    """A transformers ``MambaConfig`` dict; ``vocab_size`` is the embedding size, as transformers reads it."""
+    return {
+        "architectures": ["MambaForCausalLM"], "model_type": "mamba",
+        "hidden_size": config.d_model, "num_hidden_layers": config.n_layer,
+        "vocab_size": config.padded_vocab_size, "state_size": config.d_state,
+        "conv_kernel": config.d_conv, "expand": config.expand, "time_step_rank": config.dt_rank,
+        "intermediate_size": config.d_inner, "layer_norm_epsilon": config.rms_norm_eps,
+        "tie_word_embeddings": config.tie_embeddings, "residual_in_fp32": config.residual_in_fp32,
+        "use_conv_bias": config.conv_bias, "use_bias": config.bias,
+        "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+        "bos_token_id": config.eos_token_id,
+    }
+
+
+def config_from_mamba_ssm(cfg: dict) -> MambaConfig:
+    """MambaConfig from a mamba_ssm ``config.json`` (``ssm_cfg`` may override d_state, d_conv, expand, dt_rank)."""
+    ssm = cfg.get("ssm_cfg") or {}
+    if ssm.get("layer", "Mamba1") != "Mamba1":
+        raise CheckpointError(f"only Mamba (v1) layers are supported, the config asks for {ssm['layer']}")
+    if cfg.get("attn_layer_idx") or cfg.get("d_intermediate", 0):
+        raise CheckpointError("hybrid checkpoints (attention layers or MLPs) are not supported")
+    if not cfg.get("rms_norm", True):
+        raise CheckpointError("checkpoints with LayerNorm (rms_norm: false) are not supported")
+    return MambaConfig(
+        d_model=cfg["d_model"], n_layer=cfg["n_layer"], vocab_size=cfg["vocab_size"],
+        d_state=ssm.get("d_state", 16), d_conv=ssm.get("d_conv", 4), expand=ssm.get("expand", 2),
+        dt_rank=ssm.get("dt_rank", "auto"), pad_vocab_size_multiple=cfg.get("pad_vocab_size_multiple", 8),
+        rms_norm_eps=cfg.get("norm_epsilon", 1e-5), tie_embeddings=cfg.get("tie_embeddings", True),
+        residual_in_fp32=cfg.get("residual_in_fp32", True), conv_bias=ssm.get("conv_bias", True),
+        bias=ssm.get("bias", False),
+    )
+
+
+def detect_layout(cfg: dict) -> str:
+    if "hidden_size" in cfg and "num_hidden_layers" in cfg:
+        return "transformers"
+    if "d_model" in cfg and "n_layer" in cfg:
+        return "mamba_ssm"
+    raise CheckpointError("config.json is neither a transformers MambaConfig (hidden_size, num_hidden_layers) "
+                          "nor a mamba_ssm config (d_model, n_layer)")
+
+
+# ---------------------------------------------------------------------------- state dicts
+def to_internal_keys(state: dict[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
+    """Strip ``prefix`` and rename transformers' ``backbone.embeddings`` to mamba_ssm's ``backbone.embedding``."""
+    out = {}
+    for k, v in state.items():
+        if prefix:
+            if not k.startswith(prefix):
+                out[k] = v  # reported as unexpected by load_state_checked
+                continue
+            k = k[len(prefix):]
+        out[k.replace("backbone.embeddings.", "backbone.embedding.", 1)] = v
+    return out
+
+
+def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                       optional: tuple[str, ...] = ()) -> None:
+    """Copy ``state`` into ``model``; every parameter must be given once with its exact shape.
+
+    Keys in ``optional`` may be missing (tied ``lm_head.weight``; it is then the embedding).
+    """
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state and k not in optional]
+    unexpected = [k for k in state if k not in expected]
+    wrong = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+             for k in state if k in expected and state[k].shape != expected[k].shape]
+    problems = []
+    if missing:
+        problems.append(f"missing keys {missing[:20]}" + (f" (+{len(missing) - 20} more)" if len(missing) > 20 else ""))
+    if unexpected:
+        problems.append(f"unexpected keys {unexpected[:20]}"
+                        + (f" (+{len(unexpected) - 20} more)" if len(unexpected) > 20 else ""))
+    if wrong:
+        problems.append(f"mis-shaped tensors {wrong[:20]}")
+    if problems:
+        raise CheckpointError(f"cannot load {source}: " + "; ".join(problems))
+    tied = getattr(model, "config", None) is not None and getattr(model.config, "tie_embeddings", False)
+    if tied and "lm_head.weight" in state and "backbone.embedding.weight" in state:
+        if not torch.equal(state["lm_head.weight"], state["backbone.embedding.weight"]):
+            raise CheckpointError(f"cannot load {source}: the config ties the embeddings but lm_head.weight "
+                                  f"differs from the embedding")
+    with torch.no_grad():
+        for k, p in expected.items():
+            if k in state:
+                p.copy_(state[k])
+
+
+def load_mamba_lm(cls, folder, dtype=None, device=None):
+    """Build ``cls`` (MambaLM) from a transformers or mamba_ssm folder (see module docstring)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"checkpoint folder not found: {folder}")
+    raw = _read_json(folder / "config.json")
+    layout = detect_layout(raw)
+    config = config_from_transformers(raw) if layout == "transformers" else config_from_mamba_ssm(raw)
+    model = cls(config)
+    state = to_internal_keys(read_folder_weights(folder))
+    load_state_checked(model, state, str(folder), optional=("lm_head.weight",) if config.tie_embeddings else ())
+    if dtype is not None or device is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def save_mamba_lm(model, folder) -> None:
+    """Write ``config.json`` (transformers keys, plus ``pad_vocab_size_multiple`` and the tokenizer vocab)
+    and ``model.safetensors`` (transformers key names; ``lm_head.weight`` left out when tied)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cfg = config_to_transformers(model.config)
+    cfg["mambaprune"] = {"vocab_size": model.config.vocab_size,
+                         "pad_vocab_size_multiple": model.config.pad_vocab_size_multiple}
+    state = {}
+    for k, v in model.state_dict().items():
+        if k == "lm_head.weight" and model.config.tie_embeddings:
+            continue
+        state[k.replace("backbone.embedding.", "backbone.embeddings.", 1)] = v.detach().contiguous().cpu()
+    tmp = folder / "model.safetensors.tmp"
+    save_file(state, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, folder / "model.safetensors")
+    with open(folder / "config.json", "w") as f:
+        json.dump(cfg, f, indent=2)

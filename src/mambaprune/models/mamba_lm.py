@@ -1,0 +1,433 @@
+"""A Mamba (v1) language model that owns its layer loop, so a pruning method can act between any two layers.
+
+Module and weight names follow mamba_ssm (``backbone.embedding``, ``backbone.layers.{i}.norm``,
+``backbone.layers.{i}.mixer.{in_proj,conv1d,x_proj,dt_proj,out_proj,A_log,D}``, ``backbone.norm_f``,
+``lm_head``); loading of transformers and mamba_ssm folders is in :mod:`mambaprune.models.checkpoints`.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Callable, Collection
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..pruning.sequence import TokenSequence
+from ..ssm import selective_state_update
+from ..ssm.chunked import scan_chunked
+
+Hook = Callable[[TokenSequence], "TokenSequence | None"]
+
+
+@dataclass
+class MambaConfig:
+    """Hyper-parameters of a Mamba LM, named as in mamba_ssm's ``MambaConfig``.
+
+    ``vocab_size`` is the tokenizer's vocabulary; the embedding has ``padded_vocab_size`` rows (rounded up to
+    a multiple of ``pad_vocab_size_multiple``, 8 in the released checkpoints). ``dt_rank="auto"`` means
+    ``ceil(d_model / 16)``.
+    """
+
+    d_model: int = 768
+    n_layer: int = 24
+    vocab_size: int = 50277
+    d_state: int = 16
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | str = "auto"
+    pad_vocab_size_multiple: int = 8
+    rms_norm_eps: float = 1e-5
+    tie_embeddings: bool = True
+    residual_in_fp32: bool = True
+    conv_bias: bool = True
+    bias: bool = False
+    eos_token_id: int | None = 0
+    pad_token_id: int | None = 0
+
+    def __post_init__(self):
+        if self.dt_rank == "auto":
+            self.dt_rank = math.ceil(self.d_model / 16)
+        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank",
+                     "pad_vocab_size_multiple"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"MambaConfig.{name} must be a positive integer, got {value!r}")
+
+    @property
+    def d_inner(self) -> int:
+        return self.expand * self.d_model
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MambaConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def save(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2)
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm as transformers' MambaRMSNorm: normalise in fp32, cast back, scale by the weight."""
+
+    def __init__(self, d: int, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+@dataclass
+class LayerCache:
+    """Decoding state of one layer: the last ``d_conv`` conv inputs and the fp32 SSM state."""
+
+    conv_state: torch.Tensor  # (batch, d_inner, d_conv)
+    ssm_state: torch.Tensor   # (batch, d_inner, d_state), fp32
+
+
+@dataclass
+class MambaCache:
+    """Per-layer decoding states. Fixed size, so a prefill that dropped tokens needs no resizing."""
+
+    layers: list[LayerCache | None] = field(default_factory=list)
+
+
+class MambaMixer(nn.Module):
+    """The selective SSM block of Mamba v1 (Gu & Dao 2023, Fig. 3), released-checkpoint weight names."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        d, di, n, r = config.d_model, config.d_inner, config.d_state, config.dt_rank
+        self.d_inner, self.d_state, self.dt_rank, self.d_conv = di, n, r, config.d_conv
+        self.in_proj = nn.Linear(d, 2 * di, bias=config.bias)
+        self.conv1d = nn.Conv1d(di, di, kernel_size=config.d_conv, groups=di, padding=config.d_conv - 1,
+                                bias=config.conv_bias)
+        self.x_proj = nn.Linear(di, r + 2 * n, bias=False)
+        self.dt_proj = nn.Linear(r, di, bias=True)
+        self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(di, 1))
+        self.D = nn.Parameter(torch.ones(di))
+        self.out_proj = nn.Linear(di, d, bias=config.bias)
+
+    def causal_conv(self, x: torch.Tensor) -> torch.Tensor:
+        """Depthwise causal conv over time on x (batch, L, d_inner), zero left padding, plus bias.
+
+        Same result as ``conv1d(groups=d_inner, padding=d_conv-1)[..., :L]`` but in (batch, L, channels)
+        layout, as ``d_conv`` shifted multiply-adds (no transposes).
+        """
+        w = self.conv1d.weight[:, 0, :]                                            # (d_inner, d_conv)
+        k, L = self.d_conv, x.shape[1]
+        out = x * w[:, k - 1]
+        if self.conv1d.bias is not None:
+            out += self.conv1d.bias
+        for j in range(1, min(k, L)):
+            out[:, j:].addcmul_(x[:, :L - j], w[:, k - 1 - j])
+        return out
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, want_signals: bool = False,
+                cache: MambaCache | None = None, layer_idx: int = 0):
+        """x (batch, L, d_model) normalised input -> (output (batch, L, d_model), signals dict).
+
+        Left padding (``mask`` False) leaves the conv and SSM states untouched: the conv input and the scan
+        input are zero there and Δ = 0, so ``exp(Δ A) = 1`` and nothing is added to the state.
+        Signals are read from tensors this pass computes anyway (see TokenSequence.signals).
+        All tensors stay in (batch, L, channels) layout.
+        """
+        L = x.shape[1]
+        xs, z = self.in_proj(x).chunk(2, dim=-1)                                   # (b, L, d_inner) each
+        if mask is not None:
+            xs = xs * mask[..., None].to(xs.dtype)
+        if cache is not None:
+            k = self.d_conv
+            tail = xs[:, L - k:] if L >= k else F.pad(xs, (0, 0, k - L, 0))
+            conv_state = tail.transpose(1, 2).contiguous()                       # (b, d_inner, d_conv)
+        u = F.silu(self.causal_conv(xs))
+        dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt).float())                              # (b, L, d_inner), fp32
+        uf = u.float()
+        if mask is not None:
+            m = mask[..., None]
+            delta = delta * m
+            uf = uf * m
+        A = -torch.exp(self.A_log.float())
+        y, last_state = scan_chunked(uf, delta, A, B.float(), C.float())
+        y = y.addcmul(uf, self.D.float())                                          # y_t = C_t h_t + D u_t
+        signals = {}
+        if want_signals:
+            signals = {"delta": delta.mean(-1), "B": B.float().mean(-1), "C": C.float().mean(-1),
+                       "y": y.mean(-1)}
+        if cache is not None:
+            cache.layers[layer_idx] = LayerCache(conv_state, last_state)
+        out = self.out_proj((y.to(z.dtype) * F.silu(z)))
+        return out, signals
+
+    def step(self, x: torch.Tensor, state: LayerCache) -> torch.Tensor:
+        """One decoding step: x (batch, d_model) -> (batch, d_model); ``state`` is updated in place."""
+        xs, z = self.in_proj(x).chunk(2, dim=-1)
+        conv = state.conv_state
+        conv.copy_(torch.roll(conv, shifts=-1, dims=-1))
+        conv[:, :, -1] = xs
+        u = (conv * self.conv1d.weight[:, 0, :]).sum(-1)
+        if self.conv1d.bias is not None:
+            u = u + self.conv1d.bias
+        u = F.silu(u)
+        dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt).float())
+        A = -torch.exp(self.A_log.float())
+        y = selective_state_update(state.ssm_state, u, delta, A, B, C, D=self.D)
+        return self.out_proj(y * F.silu(z))
+
+
+class MambaBlock(nn.Module):
+    """Add-norm-mix, mamba_ssm style: ``residual = hidden + residual``, ``hidden = mixer(norm(residual))``."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.residual_in_fp32 = config.residual_in_fp32
+        self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.mixer = MambaMixer(config)
+
+    def add(self, hidden, residual):
+        residual = hidden if residual is None else residual + hidden
+        return residual.float() if self.residual_in_fp32 else residual
+
+    def forward(self, hidden, residual, mask=None, want_signals=False, cache=None, layer_idx=0):
+        residual = self.add(hidden, residual)
+        out, signals = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), mask=mask,
+                                  want_signals=want_signals, cache=cache, layer_idx=layer_idx)
+        return out, residual, signals
+
+    def step(self, hidden, residual, state: LayerCache):
+        residual = self.add(hidden, residual)
+        return self.mixer.step(self.norm(residual.to(self.norm.weight.dtype)), state), residual
+
+
+class MambaBackbone(nn.Module):
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.embedding = nn.Embedding(config.padded_vocab_size, config.d_model)
+        self.layers = nn.ModuleList(MambaBlock(config) for _ in range(config.n_layer))
+        self.norm_f = RMSNorm(config.d_model, config.rms_norm_eps)
+
+
+@dataclass
+class MambaOutput:
+    """Result of :meth:`MambaLM.forward`.
+
+    ``logits``: (batch, vocab) of the last position, or (batch, L, vocab) when all positions were asked for
+    (L is then the length after any cutting). ``sequence``: the final token sequence (what reached the last
+    layer), ``tokens_per_layer``: (n_layer,) list of the number of real tokens each layer processed, summed
+    over the batch. ``cache`` when ``use_cache``.
+    """
+
+    logits: torch.Tensor
+    sequence: TokenSequence
+    tokens_per_layer: list[int]
+    cache: MambaCache | None = None
+
+
+class MambaLM(nn.Module):
+    """Mamba language model with a pruning-ready layer loop, decoding, and released-checkpoint loading."""
+
+    def __init__(self, config: MambaConfig):
+        super().__init__()
+        self.config = config
+        self.backbone = MambaBackbone(config)
+        self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.backbone.embedding.weight
+
+    # ------------------------------------------------------------------ inputs
+    def _check_ids(self, input_ids):
+        if not isinstance(input_ids, torch.Tensor):
+            raise ValueError(f"input_ids must be a torch.Tensor, got {type(input_ids).__name__}")
+        if input_ids.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, L), got shape {tuple(input_ids.shape)}")
+        if input_ids.numel() == 0:
+            raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)})")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self.config.padded_vocab_size:
+            raise ValueError(f"input_ids out of range: values in [{lo}, {hi}], the vocabulary has "
+                             f"{self.config.padded_vocab_size} entries")
+
+    def _check_mask(self, mask, shape, device):
+        if mask is None:
+            return torch.ones(shape, dtype=torch.bool, device=device)
+        if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != tuple(shape):
+            raise ValueError(f"attention_mask must be a tensor of shape {tuple(shape)}, "
+                             f"got {getattr(mask, 'shape', type(mask).__name__)}")
+        if mask.is_floating_point() or mask.is_complex():
+            raise ValueError(f"attention_mask must be bool or integer, got {mask.dtype}")
+        if not bool(((mask == 0) | (mask == 1)).all()):
+            raise ValueError("attention_mask must hold only 0 and 1")
+        mask = mask.bool()
+        if not bool(mask[:, -1].all()) or bool((mask[:, 1:].int() < mask[:, :-1].int()).any()):
+            raise ValueError("attention_mask must be left-padded: zeros first, then ones, and each row must "
+                             "have at least one token")
+        return mask
+
+    def initial_sequence(self, input_ids=None, inputs_embeds=None, attention_mask=None, is_visual=None):
+        """The token sequence before the first layer (embeddings, positions 0..L-1, kinds, padding mask)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("give exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            self._check_ids(input_ids)
+            inputs_embeds = self.backbone.embedding(input_ids.long())
+        else:
+            if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+                raise ValueError("inputs_embeds must be a floating-point tensor")
+            if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.config.d_model:
+                raise ValueError(f"inputs_embeds must be (batch, L, {self.config.d_model}), "
+                                 f"got {tuple(inputs_embeds.shape)}")
+            if inputs_embeds.shape[0] == 0 or inputs_embeds.shape[1] == 0:
+                raise ValueError(f"inputs_embeds is empty (shape {tuple(inputs_embeds.shape)})")
+        b, L = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        mask = self._check_mask(attention_mask, (b, L), device)
+        if is_visual is None:
+            is_visual = torch.zeros(b, L, dtype=torch.bool, device=device)
+        elif not isinstance(is_visual, torch.Tensor) or tuple(is_visual.shape) != (b, L):
+            raise ValueError(f"is_visual must be a (batch, L) = {(b, L)} tensor")
+        pad_offset = (~mask).sum(1, keepdim=True)
+        positions = (torch.arange(L, device=device)[None, :] - pad_offset).masked_fill(~mask, -1)
+        return TokenSequence(hidden=inputs_embeds, residual=None, positions=positions,
+                             is_visual=is_visual.bool() & mask, mask=mask, layer=-1)
+
+    # ------------------------------------------------------------------ prefill
+    def forward(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, is_visual=None,
+                hook: Hook | None = None, signal_layers: Collection[int] | bool | None = None,
+                return_all_logits: bool = False, use_cache: bool = False) -> MambaOutput:
+        """Run the prompt through all layers.
+
+        Args:
+            input_ids: (batch, L) token ids, left-padded when ``attention_mask`` is given; or ``inputs_embeds``
+                (batch, L, d_model) (how a multimodal model feeds visual tokens).
+            is_visual: optional (batch, L) bool marking visual tokens.
+            hook: called with the :class:`TokenSequence` before the first layer (``layer == -1``) and after
+                every layer; it may return a new sequence (cut or merged tokens) or None to leave it as is.
+            signal_layers: layers whose importance signals are computed (a collection of indices, True for
+                all); by default the hook's ``signal_layers`` attribute if it has one, else none.
+            return_all_logits: logits for every remaining position instead of the last one only.
+            use_cache: also return the per-layer decoding states for :meth:`step`.
+        """
+        seq = self.initial_sequence(input_ids, inputs_embeds, attention_mask, is_visual)
+        if signal_layers is None:
+            signal_layers = getattr(hook, "signal_layers", None) or ()
+        cache = MambaCache([None] * self.config.n_layer) if use_cache else None
+        tokens_per_layer = []
+        if hook is not None:
+            seq = self._apply_hook(hook, seq)
+        for i, block in enumerate(self.backbone.layers):
+            want = signal_layers is True or i in signal_layers
+            tokens_per_layer.append(int(seq.mask.sum()))
+            mask = None if bool(seq.mask.all()) else seq.mask
+            hidden, residual, signals = block(seq.hidden, seq.residual, mask=mask, want_signals=want,
+                                              cache=cache, layer_idx=i)
+            seq = seq.replace(hidden=hidden, residual=residual, layer=i, signals=signals)
+            if hook is not None:
+                seq = self._apply_hook(hook, seq)
+        last = seq.stream() if return_all_logits else seq.stream()[:, -1]
+        logits = self.lm_head(self.backbone.norm_f(last.to(self.lm_head.weight.dtype)))
+        return MambaOutput(logits=logits, sequence=seq, tokens_per_layer=tokens_per_layer, cache=cache)
+
+    @staticmethod
+    def _apply_hook(hook, seq):
+        new = hook(seq)
+        if new is None:
+            return seq
+        if not isinstance(new, TokenSequence):
+            raise ValueError(f"a hook must return a TokenSequence or None, got {type(new).__name__}")
+        b, L = new.mask.shape
+        if new.hidden.shape[:2] != (b, L) or (new.residual is not None and new.residual.shape[:2] != (b, L)):
+            raise ValueError("the hook returned a sequence whose hidden/residual do not match its mask")
+        if b != seq.batch_size or L == 0 or bool((new.mask.sum(1) == 0).any()):
+            raise ValueError("the hook must keep the batch size and at least one token per sample")
+        return new
+
+    # ------------------------------------------------------------------ decoding
+    @torch.no_grad()
+    def step(self, token_ids: torch.Tensor, cache: MambaCache) -> torch.Tensor:
+        """Feed one token per sample (batch,) and return next-token logits (batch, vocab); updates ``cache``."""
+        hidden = self.backbone.embedding(token_ids)
+        residual = None
+        for block, state in zip(self.backbone.layers, cache.layers):
+            hidden, residual = block.step(hidden, residual, state)
+        return self.lm_head(self.backbone.norm_f((residual + hidden).to(self.lm_head.weight.dtype)))
+
+    def _next_token(self, logits, do_sample, temperature, top_p, generator):
+        logits = logits[..., : self.config.vocab_size].float()
+        if not do_sample:
+            return logits.argmax(-1)
+        if temperature <= 0:
+            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+        probs = torch.softmax(logits / temperature, dim=-1)
+        if top_p < 1.0:
+            sorted_p, idx = probs.sort(dim=-1, descending=True)
+            # drop a token when the tokens ranked above it already reach top_p (the first one always stays)
+            drop = (sorted_p.cumsum(-1) - sorted_p) >= top_p
+            sorted_p = sorted_p.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter(-1, idx, sorted_p)
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, is_visual=None,
+                 hook: Hook | None = None, max_new_tokens: int = 32, do_sample: bool = False,
+                 temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | None = -1,
+                 pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Prefill (with whatever cutting ``hook`` does), then one-token steps from the per-layer states.
+
+        Greedy by default; ``do_sample`` with ``temperature`` and nucleus ``top_p``. A sample stops at
+        ``eos_token_id`` (default: the config's; None never stops) and everything stops after
+        ``max_new_tokens``. Returns the new tokens (batch, n) including the EOS, with ``pad_token_id``
+        (default: EOS or 0) after a sample has stopped.
+        """
+        if max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not 0.0 < top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+        eos = self.config.eos_token_id if eos_token_id == -1 else eos_token_id
+        pad = pad_token_id if pad_token_id is not None else (eos if eos is not None else 0)
+        out = self.forward(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                           is_visual=is_visual, hook=hook, use_cache=True)
+        token = self._next_token(out.logits, do_sample, temperature, top_p, generator)
+        done = torch.zeros_like(token, dtype=torch.bool)
+        tokens = []
+        for i in range(max_new_tokens):
+            token = token.masked_fill(done, pad)
+            tokens.append(token)
+            if eos is not None:
+                done = done | (token == eos)
+            if bool(done.all()) or i == max_new_tokens - 1:
+                break
+            logits = self.step(token, out.cache)
+            token = self._next_token(logits, do_sample, temperature, top_p, generator)
+        return torch.stack(tokens, dim=1)
+
+    # ------------------------------------------------------------------ weights
+    @classmethod
+    def from_pretrained(cls, folder, dtype: torch.dtype | None = None, device=None) -> "MambaLM":
+        """Load a transformers ``MambaForCausalLM`` folder or a mamba_ssm folder (see models.checkpoints)."""
+        from .checkpoints import load_mamba_lm
+        return load_mamba_lm(cls, folder, dtype=dtype, device=device)
+
+    def save_pretrained(self, folder) -> None:
+        """Write ``config.json`` and ``model.safetensors`` in transformers' MambaForCausalLM layout."""
+        from .checkpoints import save_mamba_lm
+        save_mamba_lm(self, folder)

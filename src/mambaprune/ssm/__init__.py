@@ -1,0 +1,85 @@
+"""Selective scan of Mamba (v1): a sequential reference and the fast chunked default, side by side."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .chunked import scan_chunked
+from .reference import selective_scan_reference
+from .step import selective_state_update
+
+METHODS = ("chunked", "reference")
+
+__all__ = ["selective_scan", "selective_scan_reference", "selective_state_update", "METHODS"]
+
+
+def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
+    for name, x in (("u", u), ("delta", delta), ("A", A), ("B", B), ("C", C)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"selective_scan: {name} must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise ValueError(f"selective_scan: {name} must be a floating-point tensor, got {x.dtype}")
+    if u.dim() != 3:
+        raise ValueError(f"selective_scan: u must be (batch, d_inner, L), got shape {tuple(u.shape)}")
+    batch, d_inner, length = u.shape
+    if length == 0 or batch == 0:
+        raise ValueError(f"selective_scan: empty input, u has shape {tuple(u.shape)}")
+    expected = {
+        "delta": (delta, (batch, d_inner, length)),
+        "A": (A, (d_inner, A.shape[-1] if A.dim() == 2 else -1)),
+    }
+    for name, (x, shape) in expected.items():
+        if tuple(x.shape) != shape:
+            raise ValueError(f"selective_scan: {name} must have shape {shape}, got {tuple(x.shape)}")
+    d_state = A.shape[1]
+    for name, x in (("B", B), ("C", C)):
+        if tuple(x.shape) != (batch, d_state, length):
+            raise ValueError(f"selective_scan: {name} must have shape (batch, d_state, L) = "
+                             f"{(batch, d_state, length)}, got {tuple(x.shape)}")
+    if D is not None and tuple(D.shape) != (d_inner,):
+        raise ValueError(f"selective_scan: D must have shape ({d_inner},), got {tuple(D.shape)}")
+    if delta_bias is not None and tuple(delta_bias.shape) != (d_inner,):
+        raise ValueError(f"selective_scan: delta_bias must have shape ({d_inner},), got {tuple(delta_bias.shape)}")
+    if z is not None and tuple(z.shape) != tuple(u.shape):
+        raise ValueError(f"selective_scan: z must have the shape of u {tuple(u.shape)}, got {tuple(z.shape)}")
+
+
+def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+                   return_last_state=False, method="chunked"):
+    """Selective scan with mamba_ssm's signature and shapes.
+
+    Args:
+        u: (batch, d_inner, L) input ``x`` of the SSM (after conv and SiLU).
+        delta: (batch, d_inner, L) time step, before ``delta_bias`` and softplus if those are given.
+        A: (d_inner, d_state), negative (``-exp(A_log)``).
+        B, C: (batch, d_state, L) input-dependent SSM matrices.
+        D: optional (d_inner,) skip; z: optional (batch, d_inner, L) gate, output is multiplied by silu(z).
+        delta_bias: optional (d_inner,) added to delta before the softplus.
+        delta_softplus: apply softplus to delta (+ bias), as the released Mamba does.
+        return_last_state: also return the final state (batch, d_inner, d_state) in fp32.
+        method: ``"chunked"`` (default, fast, differentiable) or ``"reference"`` (sequential loop).
+
+    The scan accumulates in fp32 whatever the input dtype; the output has ``u``'s dtype.
+    """
+    _check_inputs(u, delta, A, B, C, D, z, delta_bias)
+    if method == "reference":
+        return selective_scan_reference(u, delta, A, B, C, D=D, z=z, delta_bias=delta_bias,
+                                        delta_softplus=delta_softplus, return_last_state=return_last_state)
+    if method != "chunked":
+        raise ValueError(f"selective_scan: unknown method {method!r}; choose one of {METHODS}")
+    dtype_in = u.dtype
+    uf = u.float()
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()[:, None]
+    if delta_softplus:
+        delta = F.softplus(delta)
+    y, last = scan_chunked(uf.transpose(1, 2), delta.transpose(1, 2), A.float(), B.float().transpose(1, 2),
+                           C.float().transpose(1, 2))
+    y = y.transpose(1, 2)
+    if D is not None:
+        y = y + uf * D.float()[:, None]
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(dtype_in).contiguous()
+    return (y, last) if return_last_state else y
