@@ -47,6 +47,9 @@ def read_state_file(path) -> dict[str, torch.Tensor]:
                               f"weights file ({type(e).__name__}: {str(e)[:200]})") from e
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} does not hold a dict of tensors (got {type(state).__name__})")
+    bad = [repr(k) for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path} holds entries that are not named tensors: {bad[:20]}")
     return state
 
 
@@ -57,11 +60,18 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
         if (folder / single).is_file():
             return read_state_file(folder / single)
         if (folder / index_name).is_file():
-            with open(folder / index_name) as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
+            index = _read_json(folder / index_name)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointError(f"{folder / index_name} has no valid weight_map")
+            shards = sorted(set(weight_map.values()))
             state = {}
             for shard in shards:
-                state.update(read_state_file(folder / shard))
+                part = read_state_file(folder / shard)
+                twice = sorted(set(part) & set(state))
+                if twice:
+                    raise CheckpointError(f"{folder / shard} repeats keys of another shard: {twice[:20]}")
+                state.update(part)
             return state
     raise CheckpointError(f"no weights in {folder}: expected model.safetensors, pytorch_model.bin or a "
                           f"sharded index")
@@ -73,7 +83,7 @@ def _read_json(path: Path) -> dict:
     try:
         with open(path) as f:
             return json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path} is not valid JSON: {e}") from e
 
 
@@ -149,7 +159,10 @@ def to_internal_keys(state: dict[str, torch.Tensor], prefix: str = "") -> dict[s
                 out[k] = v  # reported as unexpected by load_state_checked
                 continue
             k = k[len(prefix):]
-        out[k.replace("backbone.embeddings.", "backbone.embedding.", 1)] = v
+        k = k.replace("backbone.embeddings.", "backbone.embedding.", 1)
+        if k in out:
+            raise CheckpointError(f"the checkpoint gives {k} twice (as backbone.embedding. and backbone.embeddings.)")
+        out[k] = v
     return out
 
 

@@ -1,0 +1,48 @@
+"""The ``mambaprune`` command. Sub-commands arrive with their issues; the engine benchmark is here now."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _bench(args) -> int:
+    from tqdm import tqdm
+
+    from .bench import BenchSettings, format_table, run_engine_benchmark, save_json
+
+    s = BenchSettings(threads=args.threads, repeats=args.repeats, with_transformers=not args.no_transformers)
+    if args.quick:
+        s.d_model, s.n_layer, s.seq_len, s.scan_d_inner, s.scan_len = 128, 4, 96, 256, 96
+    if args.seq_len:
+        s.seq_len = s.scan_len = args.seq_len
+    bar = tqdm(total=None, bar_format="{desc}", leave=False, file=sys.stderr)
+    res = run_engine_benchmark(s, progress=lambda msg: bar.set_description_str(f"bench: {msg}"))
+    bar.close()
+    print(format_table(res))
+    if args.json:
+        save_json(res, args.json)
+        print(f"\nwritten {args.json}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mambaprune", description="Training-free visual token pruning for Mamba MLLMs")
+    sub = p.add_subparsers(dest="command", required=True)
+    b = sub.add_parser("bench", help="engine speed: prefill vs transformers, chunked vs reference scan")
+    b.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    b.add_argument("--repeats", type=int, default=3, help="interleaved repeats; the minimum is reported")
+    b.add_argument("--seq-len", type=int, default=None, help="prompt and scan length (default 760)")
+    b.add_argument("--quick", action="store_true", help="a small model, for a smoke test")
+    b.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    b.add_argument("--json", default=None, help="also write the results to this JSON file")
+    b.set_defaults(func=_bench)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

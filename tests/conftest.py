@@ -1,0 +1,52 @@
+"""Shared helpers: small random Mamba models, ours and transformers' with the same weights."""
+import math
+
+import pytest
+import torch
+
+from mambaprune import MambaLM
+from mambaprune.models.checkpoints import config_from_transformers, load_state_checked, to_internal_keys
+
+torch.set_num_threads(2)
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Re-draw every weight so that a random model is far from degenerate (varied greedy generations)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("A_log"):
+                p.copy_(torch.log(torch.rand(p.shape, generator=g) * 4 + 0.5))
+            elif name.endswith("dt_proj.bias"):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5 - 1)
+            elif "norm" in name:
+                p.copy_(1 + 0.1 * torch.randn(p.shape, generator=g))
+            elif p.dim() == 1:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+            else:
+                scale = 3.0 if "out_proj" in name else 1.0
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[-1]) * scale)
+
+
+def hf_pair(seed=0, **hf_kwargs):
+    """(transformers MambaForCausalLM, our MambaLM) holding the same random weights, both in eval mode."""
+    from transformers import MambaConfig, MambaForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    cfg = dict(hidden_size=48, num_hidden_layers=3, vocab_size=64, state_size=8, conv_kernel=4, expand=2,
+               time_step_rank=4, tie_word_embeddings=False)
+    cfg.update(hf_kwargs)
+    hf = MambaForCausalLM(MambaConfig(**cfg)).eval()
+    randomize_(hf, seed)
+    ours = MambaLM(config_from_transformers(hf.config.to_dict()))
+    load_state_checked(ours, to_internal_keys(hf.state_dict()), "transformers model",
+                       optional=("lm_head.weight",) if ours.config.tie_embeddings else ())
+    return hf, ours.eval()
+
+
+@pytest.fixture
+def small_lm():
+    """Our model alone (6 layers), random but far from degenerate."""
+    return hf_pair(seed=1, num_hidden_layers=6)[1]
