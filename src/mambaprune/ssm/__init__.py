@@ -76,10 +76,10 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         delta = F.softplus(delta)
     y, last = scan_chunked(uf.transpose(1, 2), delta.transpose(1, 2), A.float(), B.float().transpose(1, 2),
                            C.float().transpose(1, 2))
-    y = y.transpose(1, 2)
+    y = y.transpose(1, 2).contiguous()                    # back to (batch, d_inner, L), one copy
     if D is not None:
-        y = y + uf * D.float()[:, None]
+        y = torch.addcmul(y, uf, D.float()[:, None])
     if z is not None:
         y = y * F.silu(z.float())
-    y = y.to(dtype_in).contiguous()
+    y = y.to(dtype_in)
     return (y, last) if return_last_state else y
