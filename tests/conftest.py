@@ -5,7 +5,6 @@ import pytest
 import torch
 
 from mambaprune import MambaLM
-from mambaprune.models.checkpoints import config_from_transformers, load_state_checked, to_internal_keys
 
 torch.set_num_threads(2)
 
@@ -40,10 +39,7 @@ def hf_pair(seed=0, **hf_kwargs):
     cfg.update(hf_kwargs)
     hf = MambaForCausalLM(MambaConfig(**cfg)).eval()
     randomize_(hf, seed)
-    ours = MambaLM(config_from_transformers(hf.config.to_dict()))
-    load_state_checked(ours, to_internal_keys(hf.state_dict()), "transformers model",
-                       optional=("lm_head.weight",) if ours.config.tie_embeddings else ())
-    return hf, ours.eval()
+    return hf, MambaLM.from_transformers(hf)
 
 
 @pytest.fixture

@@ -14,7 +14,6 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .flops import lm_macs
-from .models.checkpoints import config_from_transformers, load_state_checked, to_internal_keys
 from .models.mamba_lm import MambaConfig, MambaLM
 from .ssm import selective_scan
 
@@ -76,9 +75,7 @@ def _models(s: BenchSettings):
     logging.set_verbosity_error()
     hf = MambaForCausalLM(HFConfig(hidden_size=s.d_model, num_hidden_layers=s.n_layer,
                                    vocab_size=s.vocab_size)).eval()
-    ours = MambaLM(config_from_transformers(hf.config.to_dict()))
-    load_state_checked(ours, to_internal_keys(hf.state_dict()), "transformers model", optional=("lm_head.weight",))
-    return ours.eval(), hf
+    return MambaLM.from_transformers(hf), hf
 
 
 def run_engine_benchmark(s: BenchSettings, progress=None) -> BenchResult:

@@ -198,6 +198,21 @@ def load_state_checked(model: torch.nn.Module, state: dict[str, torch.Tensor], s
                 p.copy_(state[k])
 
 
+def build_from_state(cls, config: MambaConfig, state: dict[str, torch.Tensor], source: str):
+    """``cls(config)`` loaded from a state dict with transformers or mamba_ssm key names, every key checked
+    (``lm_head.weight`` may be absent when the embeddings are tied)."""
+    model = cls(config)
+    load_state_checked(model, to_internal_keys(state), source,
+                       optional=("lm_head.weight",) if config.tie_embeddings else ())
+    return model
+
+
+def from_transformers_model(cls, hf_model):
+    """``cls`` (MambaLM) holding the weights of an in-memory transformers ``MambaForCausalLM``, in eval mode."""
+    config = config_from_transformers(hf_model.config.to_dict())
+    return build_from_state(cls, config, hf_model.state_dict(), "transformers model").eval()
+
+
 def load_mamba_lm(cls, folder, dtype=None, device=None):
     """Build ``cls`` (MambaLM) from a transformers or mamba_ssm folder (see module docstring)."""
     folder = Path(folder)
@@ -206,9 +221,7 @@ def load_mamba_lm(cls, folder, dtype=None, device=None):
     raw = _read_json(folder / "config.json")
     layout = detect_layout(raw)
     config = config_from_transformers(raw) if layout == "transformers" else config_from_mamba_ssm(raw)
-    model = cls(config)
-    state = to_internal_keys(read_folder_weights(folder))
-    load_state_checked(model, state, str(folder), optional=("lm_head.weight",) if config.tie_embeddings else ())
+    model = build_from_state(cls, config, read_folder_weights(folder), str(folder))
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
     return model.eval()

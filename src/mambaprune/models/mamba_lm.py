@@ -427,6 +427,12 @@ class MambaLM(nn.Module):
         from .checkpoints import load_mamba_lm
         return load_mamba_lm(cls, folder, dtype=dtype, device=device)
 
+    @classmethod
+    def from_transformers(cls, hf_model) -> "MambaLM":
+        """A MambaLM with the weights of an in-memory transformers ``MambaForCausalLM``."""
+        from .checkpoints import from_transformers_model
+        return from_transformers_model(cls, hf_model)
+
     def save_pretrained(self, folder) -> None:
         """Write ``config.json`` and ``model.safetensors`` in transformers' MambaForCausalLM layout."""
         from .checkpoints import save_mamba_lm
