@@ -139,6 +139,28 @@ class MambaMixer(nn.Module):
             out[:, j:].addcmul_(x[:, :L - j], w[:, k - 1 - j])
         return out
 
+    def ssm_inputs(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """The scan's inputs for a normalised layer input x (batch, L, d_model), in (batch, L, channels) layout.
+
+        Returns ``(xs, z, u, delta, A, B, C)``: the in_proj halves ``xs`` (conv input, zeroed at padding) and
+        ``z`` (gate), ``u`` = silu(conv(xs)) in fp32, ``delta`` = softplus(dt_proj(dt)) in fp32 (0 at padding),
+        ``A`` = -exp(A_log) (d_inner, d_state), ``B``/``C`` (batch, L, d_state) fp32. The forward pass and the
+        analyses (implicit attention, Eq. 3-5 of the DTP paper) both read them from here.
+        """
+        xs, z = self.in_proj(x).chunk(2, dim=-1)                                   # (b, L, d_inner) each
+        if mask is not None:
+            xs = xs * mask[..., None].to(xs.dtype)
+        u = F.silu(self.causal_conv(xs))
+        dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
+        delta = F.softplus(self.dt_proj(dt).float())                              # (b, L, d_inner), fp32
+        uf = u.float()
+        if mask is not None:
+            m = mask[..., None]
+            delta = delta * m
+            uf = uf * m
+        A = -torch.exp(self.A_log.float())
+        return xs, z, uf, delta, A, B.float(), C.float()
+
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, want_signals: bool = False,
                 cache: MambaCache | None = None, layer_idx: int = 0):
         """x (batch, L, d_model) normalised input -> (output (batch, L, d_model), signals dict).
@@ -149,27 +171,16 @@ class MambaMixer(nn.Module):
         All tensors stay in (batch, L, channels) layout.
         """
         L = x.shape[1]
-        xs, z = self.in_proj(x).chunk(2, dim=-1)                                   # (b, L, d_inner) each
-        if mask is not None:
-            xs = xs * mask[..., None].to(xs.dtype)
+        xs, z, uf, delta, A, B, C = self.ssm_inputs(x, mask)
         if cache is not None:
             k = self.d_conv
             tail = xs[:, L - k:] if L >= k else F.pad(xs, (0, 0, k - L, 0))
             conv_state = tail.transpose(1, 2).contiguous()                       # (b, d_inner, d_conv)
-        u = F.silu(self.causal_conv(xs))
-        dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt).float())                              # (b, L, d_inner), fp32
-        uf = u.float()
-        if mask is not None:
-            m = mask[..., None]
-            delta = delta * m
-            uf = uf * m
-        A = -torch.exp(self.A_log.float())
-        y, last_state = scan_chunked(uf, delta, A, B.float(), C.float())
+        y, last_state = scan_chunked(uf, delta, A, B, C)
         y = y.addcmul(uf, self.D.float())                                          # y_t = C_t h_t + D u_t
         signals = {}
         if want_signals:
-            signals = {"delta": delta.mean(-1), "B": B.float().mean(-1), "C": C.float().mean(-1),
+            signals = {"delta": delta.mean(-1), "B": B.mean(-1), "C": C.mean(-1),
                        "y": y.mean(-1)}
         if cache is not None:
             cache.layers[layer_idx] = LayerCache(conv_state, last_state)
@@ -322,12 +333,16 @@ class MambaLM(nn.Module):
             is_visual: optional (batch, L) bool marking visual tokens.
             hook: called with the :class:`TokenSequence` before the first layer (``layer == -1``) and after
                 every layer; it may return a new sequence (cut or merged tokens) or None to leave it as is.
+                If it has a ``start(config)`` method, that is called first, once per forward pass (the
+                pruners of :mod:`mambaprune.pruning` use it to resolve their layers and reset records).
             signal_layers: layers whose importance signals are computed (a collection of indices, True for
                 all); by default the hook's ``signal_layers`` attribute if it has one, else none.
             return_all_logits: logits for every remaining position instead of the last one only.
             use_cache: also return the per-layer decoding states for :meth:`step`.
         """
         seq = self.initial_sequence(input_ids, inputs_embeds, attention_mask, is_visual)
+        if hook is not None and hasattr(hook, "start"):
+            hook.start(self.config)               # a pruner resolves its layers and clears per-run records
         if signal_layers is None:
             signal_layers = getattr(hook, "signal_layers", None) or ()
         cache = MambaCache([None] * self.config.n_layer) if use_cache else None
