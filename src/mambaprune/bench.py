@@ -163,6 +163,7 @@ def format_table(res: BenchResult) -> str:
     return head + "\n".join(lines)
 
 
-def save_json(res: BenchResult, path) -> None:
+def save_json(res, path) -> None:
+    """Write a benchmark result (a dataclass or a dict) as JSON."""
     with open(path, "w") as f:
-        json.dump(asdict(res), f, indent=2)
+        json.dump(res if isinstance(res, dict) else asdict(res), f, indent=2)

@@ -8,6 +8,9 @@ import sys
 def _bench(args) -> int:
     from tqdm import tqdm
 
+    if args.pruning:
+        return _bench_pruning(args)
+
     from .bench import BenchSettings, format_table, run_engine_benchmark, save_json
 
     s = BenchSettings(threads=args.threads, repeats=args.repeats, with_transformers=not args.no_transformers)
@@ -25,6 +28,25 @@ def _bench(args) -> int:
     return 0
 
 
+def _bench_pruning(args) -> int:
+    from tqdm import tqdm
+
+    from .bench import save_json
+    from .bench_pruning import PruningBenchSettings, format_pruning_table, run_pruning_benchmark
+
+    s = PruningBenchSettings(threads=args.threads, repeats=args.repeats)
+    if args.quick:
+        s.d_model, s.n_layer, s.vocab_size, s.n_visual, s.n_text = 64, 8, 512, 64, 8
+    bar = tqdm(total=None, bar_format="{desc}", leave=False, file=sys.stderr)
+    res = run_pruning_benchmark(s, progress=lambda msg: bar.set_description_str(f"bench: {msg}"))
+    bar.close()
+    print(format_pruning_table(res))
+    if args.json:
+        save_json(res, args.json)
+        print(f"\nwritten {args.json}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mambaprune", description="Training-free visual token pruning for Mamba MLLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -35,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="a small model, for a smoke test")
     b.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
     b.add_argument("--json", default=None, help="also write the results to this JSON file")
+    b.add_argument("--pruning", action="store_true",
+                   help="instead: FLOPs ratio vs prefill-time ratio of the pruning methods, and their own time")
     b.set_defaults(func=_bench)
     return p
 

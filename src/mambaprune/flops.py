@@ -7,21 +7,36 @@ Convention (multiply-adds, "MACs"; FLOPs = 2 x MACs where this project prints FL
 * the selective scan as the VMamba counter counts it, ``9*d_inner*d_state``, plus ``d_inner`` each for the
   D skip and the silu(z) gate;
 * norms, activations, softplus and the embedding lookup are not counted; the LM head is counted for the
-  positions whose logits are computed (``d_model * vocab`` each).
+  positions whose logits are computed (``d_model * vocab`` each; one position in a prefill).
 
 The vision tower and projector of a multimodal model are not part of this count (the DTP paper's
-convention: FLOPs of the language model alone).
+convention: its "FLOPs" of Cobra, 2.01 T for ~750 tokens, are these multiply-adds of the LLM alone); they
+are reported separately with :func:`module_macs`, which counts them with ``torch.utils.flop_counter``.
+A pruning method changes only the per-layer token counts, so its cost is :func:`lm_macs` of the counts its
+run reports (``MambaOutput.tokens_per_layer``), or, before running, of ``pruner.expected_tokens(...)``.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
+import torch
+
+
+def layer_macs_breakdown(config) -> dict[str, int]:
+    """Multiply-adds of one Mamba layer for one token, per component (see module docstring)."""
+    d, di, n, r, k = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
+    return {"in_proj": 2 * d * di, "conv": k * di, "x_proj": di * (r + 2 * n), "dt_proj": r * di,
+            "scan": 9 * di * n, "skip_and_gate": 2 * di, "out_proj": di * d}
+
 
 def layer_macs_per_token(config) -> int:
-    """Multiply-adds of one Mamba layer for one token (see module docstring)."""
-    d, di, n, r, k = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
-    projections = 2 * d * di + di * (r + 2 * n) + r * di + di * d
-    return projections + k * di + 9 * di * n + 2 * di
+    """Multiply-adds of one Mamba layer for one token (the sum of :func:`layer_macs_breakdown`)."""
+    return sum(layer_macs_breakdown(config).values())
+
+
+def head_macs(config, positions: int = 1) -> int:
+    """The LM head for ``positions`` positions (the padded vocabulary, as the weight has it)."""
+    return positions * config.d_model * config.padded_vocab_size
 
 
 def lm_macs(config, tokens_per_layer: Sequence[int], head_positions: int = 1) -> int:
@@ -29,5 +44,69 @@ def lm_macs(config, tokens_per_layer: Sequence[int], head_positions: int = 1) ->
     if len(tokens_per_layer) != config.n_layer:
         raise ValueError(f"tokens_per_layer has {len(tokens_per_layer)} entries, the model has "
                          f"{config.n_layer} layers")
-    return layer_macs_per_token(config) * int(sum(tokens_per_layer)) + head_positions * config.d_model * \
-        config.padded_vocab_size
+    if any(int(t) < 0 for t in tokens_per_layer):
+        raise ValueError("tokens_per_layer must not hold negative counts")
+    return layer_macs_per_token(config) * int(sum(tokens_per_layer)) + head_macs(config, head_positions)
+
+
+def flops_ratio(config, tokens_per_layer: Sequence[int], baseline_tokens_per_layer: Sequence[int],
+                head_positions: int = 1) -> float:
+    """``lm_macs(run) / lm_macs(unpruned run)``."""
+    return lm_macs(config, tokens_per_layer, head_positions) / lm_macs(config, baseline_tokens_per_layer,
+                                                                       head_positions)
+
+
+def module_macs(module: torch.nn.Module, *args, **kwargs) -> int:
+    """Multiply-adds of one forward call of ``module`` (e.g. a vision tower or projector), as
+    ``torch.utils.flop_counter`` counts them (matrix products and convolutions, attention included) / 2."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        module(*args, **kwargs)
+    return counter.get_total_flops() // 2
+
+
+def expected_macs(pruner, config, n_visual: int, n_text: int) -> int:
+    """LM multiply-adds a pruner will cost on one sample with ``n_visual`` + ``n_text`` tokens."""
+    return lm_macs(config, pruner.expected_tokens(config.n_layer, n_visual, n_text))
+
+
+def match_flops(method: str, target_ratio: float, config, n_visual: int, n_text: int, param: str | None = None,
+                **fixed) -> tuple[float | int, float]:
+    """The value of one parameter of ``method`` whose FLOPs ratio comes closest to ``target_ratio``.
+
+    ``param`` defaults to ``keep_ratio`` when the method has one (every achievable kept count ``c/n_visual`` is
+    tried) and to ``layer`` otherwise (every layer is tried); other parameters are held at ``fixed`` (or their
+    defaults). Ties go to the larger value (the milder pruning). Returns ``(value, achieved_ratio)``, so methods
+    can be compared at matched cost as in the DTP paper's Table 1 (about 70% and about 50%).
+    """
+    from .pruning import build, method_params
+
+    if not 0.0 < target_ratio <= 1.0:
+        raise ValueError(f"target_ratio must be in (0, 1], got {target_ratio}")
+    known = method_params(method)
+    if param is None:
+        param = "keep_ratio" if "keep_ratio" in known else "layer"
+    if param not in known:
+        raise ValueError(f"method {method!r} has no parameter {param!r}")
+    if param == "keep_ratio":
+        if n_visual < 1:
+            raise ValueError("matching a keep_ratio needs n_visual >= 1")
+        values = [c / n_visual for c in range(n_visual + 1)]
+    else:
+        values = list(range(config.n_layer + 1))
+    base = lm_macs(config, [n_visual + n_text] * config.n_layer)
+    best = None
+    for v in values:
+        try:
+            pruner = build(method, **{**fixed, param: v})
+            ratio = expected_macs(pruner, config, n_visual, n_text) / base
+        except ValueError:
+            continue                                                 # a value this method does not admit
+        key = (abs(ratio - target_ratio), -v)
+        if best is None or key < best[0]:
+            best = (key, v, ratio)
+    if best is None:
+        raise ValueError(f"no admissible value of {param!r} for method {method!r}")
+    return best[1], best[2]

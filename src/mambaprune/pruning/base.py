@@ -83,9 +83,14 @@ class Pruner:
 
     @property
     def signal_layers(self) -> set[int]:
+        """Layers whose importance signals the model must compute for this pruner."""
         if self.signal is None:
             return set()
-        return {k - 1 for k in self.act_layers if k >= 1}
+        return {k - 1 for k in self.scored_layers() if k >= 1}
+
+    def scored_layers(self) -> set[int]:
+        """The act layers at which the decision reads ``signal`` (all of them unless a method says otherwise)."""
+        return self.act_layers
 
     def __call__(self, seq: TokenSequence) -> TokenSequence | None:
         k = seq.layer + 1
@@ -165,3 +170,20 @@ def topk_in_order(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tenso
     take = torch.arange(kmax, device=scores.device)[None, :] < k[:, None]
     chosen.scatter_(1, order, take)
     return chosen & candidates
+
+
+def keep_visual(seq: TokenSequence, chosen_visual: torch.Tensor) -> TokenSequence:
+    """Keep every text token and the visual tokens marked in ``chosen_visual`` (batch, L), in order."""
+    return seq.select(seq.mask & (~seq.is_visual | chosen_visual))
+
+
+def visual_keep_counts(seq: TokenSequence, keep_ratio: float) -> torch.Tensor:
+    """(batch,) visual tokens to keep per sample: :func:`num_to_keep` of each sample's visual count."""
+    n = seq.num_visual()
+    return torch.floor(n.double() * keep_ratio + 0.5).long()
+
+
+def random_visual_subset(seq: TokenSequence, counts: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """(batch, L) bool: ``counts[b]`` visual tokens of sample b drawn uniformly without replacement."""
+    noise = torch.rand(seq.mask.shape, generator=generator).to(seq.mask.device)
+    return topk_in_order(noise, seq.is_visual & seq.mask, counts)
