@@ -111,7 +111,7 @@ class DTP(Pruner):
         return {self.early_layer + 1, self.late_layer} - {n_layer}
 
     def scored_layers(self):
-        return {self.early_layer + 1}
+        return set() if self.early_layer is None else {self.early_layer + 1}
 
     def act(self, seq, layer):
         if layer == self.late_layer:                                   # complete pruning
