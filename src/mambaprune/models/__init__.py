@@ -1,5 +1,8 @@
-"""Models: the Mamba language model (and, later, the multimodal models built on it)."""
+"""Models: the Mamba language model, vision towers, the projector, and the multimodal models built on them."""
 from .checkpoints import CheckpointError
 from .mamba_lm import MambaCache, MambaConfig, MambaLM, MambaOutput
+from .registry import available_models, load_model, register_model
+from .vlm import MambaVLM, PreparedInputs, VLMSpec
 
-__all__ = ["MambaLM", "MambaConfig", "MambaCache", "MambaOutput", "CheckpointError"]
+__all__ = ["MambaLM", "MambaConfig", "MambaCache", "MambaOutput", "CheckpointError", "MambaVLM", "VLMSpec",
+           "PreparedInputs", "load_model", "register_model", "available_models"]

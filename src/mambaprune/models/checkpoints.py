@@ -18,9 +18,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
+from typing import Collection
 
 import torch
+import torch.nn as nn
 
 from .mamba_lm import MambaConfig
 
@@ -247,3 +250,71 @@ def save_mamba_lm(model, folder) -> None:
     os.replace(tmp, folder / "model.safetensors")
     with open(folder / "config.json", "w") as f:
         json.dump(cfg, f, indent=2)
+
+
+def split_prefixed(state: dict[str, torch.Tensor], prefixes: Collection[str],
+                   source: str) -> dict[str, dict[str, torch.Tensor]]:
+    """``{prefix: {rest: tensor}}`` for each prefix; a key under none of them raises :class:`CheckpointError`."""
+    parts = {p: {} for p in prefixes}
+    stray = []
+    for key, value in state.items():
+        prefix = next((p for p in prefixes if key.startswith(p)), None)
+        if prefix is None:
+            stray.append(key)
+        else:
+            parts[prefix][key[len(prefix):]] = value
+    if stray:
+        raise CheckpointError(f"unexpected keys in {source} (expected only keys under {list(prefixes)}): "
+                              f"{sorted(stray)[:20]}")
+    return parts
+
+
+def mamba_config_from_state(state: dict[str, torch.Tensor], source: str) -> MambaConfig:
+    """The :class:`MambaConfig` of a Mamba LM state dict (mamba_ssm names, ``backbone.embedding``), read from
+    the tensor shapes: width, depth, d_state, d_conv, expand, dt_rank, biases, the (padded) vocabulary, and
+    whether ``lm_head`` is tied (absent or equal to the embedding). The RMSNorm epsilon is mamba_ssm's 1e-5."""
+    def need(key):
+        if key not in state:
+            raise CheckpointError(f"cannot read the language model's shape from {source}: missing key {key!r}")
+        return state[key]
+
+    emb = need("backbone.embedding.weight")
+    layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"backbone\.layers\.(\d+)\.", k))})
+    if not layers or layers != list(range(len(layers))):
+        raise CheckpointError(f"{source}: the layers found are {layers[:10]}..., expected 0..n-1")
+    mixer = "backbone.layers.0.mixer."
+    rows, d_model = emb.shape
+    d_inner = need(mixer + "in_proj.weight").shape[0] // 2
+    if d_inner % d_model:
+        raise CheckpointError(f"{source}: d_inner {d_inner} is not a multiple of d_model {d_model}")
+    head = state.get("lm_head.weight")
+    return MambaConfig(d_model=d_model, n_layer=len(layers), vocab_size=rows,
+                       d_state=need(mixer + "A_log").shape[1], d_conv=need(mixer + "conv1d.weight").shape[-1],
+                       expand=d_inner // d_model, dt_rank=need(mixer + "dt_proj.weight").shape[1],
+                       pad_vocab_size_multiple=8 if rows % 8 == 0 else 1,
+                       tie_embeddings=head is None or torch.equal(head, emb),
+                       conv_bias=mixer + "conv1d.bias" in state, bias=mixer + "in_proj.bias" in state)
+
+
+def overlay_state_(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` over some of ``module``'s tensors (what a ``strict=False`` load of a partial checkpoint
+    does). Every key must name a tensor of the module with the same shape, and two keys naming one tied tensor
+    must agree; otherwise :class:`CheckpointError` names them."""
+    expected = module.state_dict()
+    unexpected = sorted(k for k in state if k not in expected)
+    wrong = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(expected[k].shape)}"
+             for k, v in state.items() if k in expected and v.shape != expected[k].shape]
+    if unexpected or wrong:
+        raise CheckpointError(f"cannot load {source}: " + "; ".join(
+            f"{what} {items[:20]}" for what, items in (("unexpected keys", unexpected), ("mis-shaped tensors", wrong))
+            if items))
+    owner = {}
+    for key, value in state.items():
+        ptr = expected[key].data_ptr()
+        if ptr in owner and not torch.equal(value, state[owner[ptr]]):
+            raise CheckpointError(f"cannot load {source}: {key} and {owner[ptr]} are one tied tensor in the model "
+                                  f"but differ in the checkpoint")
+        owner.setdefault(ptr, key)
+    with torch.no_grad():
+        for key, value in state.items():
+            expected[key].copy_(value)

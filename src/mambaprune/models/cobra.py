@@ -1,0 +1,230 @@
+"""Cobra (Zhao et al., 2024; code ``h-zhao1997/cobra``, weights ``han1997/cobra``), model ``cobra+3b``, as released.
+
+What the released code does, and what this builder reproduces:
+
+* **Run folder** ``<run_dir>/config.json`` and ``<run_dir>/checkpoints/latest-checkpoint.pt``. ``config.json`` is
+  the training config as draccus dumps it; Cobra's ``load()`` reads its ``"model"`` section: ``model_id``
+  (``cobra+3b``), ``vision_backbone_id`` (``dinosiglip-vit-so-384px``), ``llm_backbone_id``
+  (``mamba-2.8b-zephyr``), ``arch_specifier`` (``no-align+fused-gelu-mlp``), ``image_resize_strategy``
+  (``resize-naive``). The ``.pt`` file is ``torch.save({"model": {"projector": ..., "llm_backbone": ...}})``.
+  The training strategy strips one module prefix, and both modules wrap another, so the projector keys are
+  ``projector.{0,2,4}.{weight,bias}`` (``FusedMLPProjector.projector`` is the ``nn.Sequential``; bare
+  ``0.weight`` ... keys are accepted too) and the LLM keys are ``llm.`` + mamba_ssm names
+  (``llm.backbone.embedding.weight``, ``llm.backbone.layers.{i}.{norm,mixer.*}``, ``llm.backbone.norm_f.weight``,
+  ``llm.lm_head.weight``). Other parts of ``"model"`` are ignored, as Cobra's own loader ignores them. The
+  LLM's shape is read from the tensors (mamba-2.8b-zephyr: 2560 wide, 64 layers, vocabulary 50280).
+* **Vision** is not in the run folder: timm's ``vit_large_patch14_reg4_dinov2.lvd142m`` and
+  ``vit_so400m_patch14_siglip_384``, both created at 384 px (DINOv2's 37 x 37 positions resampled to 27 x 27),
+  features from the second-to-last block without prefix tokens, concatenated: 729 tokens x 2176. Here they are
+  transformers' ``Dinov2WithRegistersModel`` / ``SiglipVisionModel`` (see :mod:`~mambaprune.models.vision`).
+  timm's SigLIP MLP uses the exact GELU while transformers' SigLIP config says ``gelu_pytorch_tanh``, so SigLIP
+  is loaded with ``hidden_act="gelu"`` to compute what Cobra computed.
+* **Images**: ``resize-naive``, bicubic to 384 x 384 (aspect ratio not kept), each tower with its own mean/std
+  (DINOv2: ImageNet; SigLIP: 0.5).
+* **Prompt** (vlm-evaluation's VQA prompt through Cobra's ``ZephyrChatPromptBuilder``): the message
+  ``"\\n{question}\\nAnswer the question using a single word or phrase."`` with ``<image>`` removed and
+  stripped, wrapped as ``"<|user|>\\n{message}<|endoftext|>\\n<|assistant|>\\n"``; no BOS.
+* **Decoding** (vlm-evaluation's defaults): greedy, at most 128 new tokens, stop at ``<|endoftext|>``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from .checkpoints import (CheckpointError, build_from_state, mamba_config_from_state, split_prefixed,
+                          to_internal_keys)
+from .mamba_lm import MambaLM
+from .projector import MLPProjector, projector_from_state
+from .registry import register_model
+from .vision import (RESIZE_STRATEGIES, FusedViTTower, ViTTower, load_vit_model, random_vit_model,
+                     save_vit_model)
+from .vlm import MambaVLM, VLMSpec, load_tokenizer
+
+#: image size of each supported ``vision_backbone_id``
+COBRA_VISION_BACKBONES = {"dinosiglip-vit-so-384px": 384}
+COBRA_LLM_BACKBONE = "mamba-2.8b-zephyr"
+VQA_SUFFIX = "\nAnswer the question using a single word or phrase."
+
+#: ``config.json`` of the released ``cobra+3b`` run as Cobra's ``scripts/pretrain.py`` writes it (the
+#: ``Cobra_3B`` model config and the ``llava-lvis4v-lrv`` dataset config of ``cobra/conf``).
+COBRA_RUN_CONFIG = {
+    "model": {
+        "type": "cobra+3b", "model_id": "cobra+3b", "arch_specifier": "no-align+fused-gelu-mlp",
+        "vision_backbone_id": "dinosiglip-vit-so-384px", "llm_backbone_id": "mamba-2.8b-zephyr",
+        "image_resize_strategy": "resize-naive", "llm_max_length": 2048,
+        "align_epochs": 1, "align_max_steps": None, "align_global_batch_size": 256,
+        "align_per_device_batch_size": 16, "align_learning_rate": 0.001, "align_weight_decay": 0.0,
+        "align_max_grad_norm": 1.0, "align_lr_scheduler_type": "linear-warmup+cosine-decay",
+        "align_warmup_ratio": 0.03, "align_train_strategy": "fsdp-shard-grad-op",
+        "finetune_epochs": 2, "finetune_max_steps": None, "finetune_global_batch_size": 128,
+        "finetune_per_device_batch_size": 16, "finetune_learning_rate": 2e-05, "finetune_weight_decay": 0.1,
+        "finetune_max_grad_norm": 1.0, "finetune_lr_scheduler_type": "linear-warmup+cosine-decay",
+        "finetune_warmup_ratio": 0.03, "finetune_train_strategy": "fsdp-full-shard",
+        "enable_gradient_checkpointing": True, "enable_mixed_precision_training": True,
+        "reduce_in_full_precision": False,
+    },
+    "dataset": {
+        "type": "llava-lvis4v-lrv", "dataset_id": "llava-lvis4v-lrv",
+        "align_stage_components": ["download/llava-laion-cc-sbu-558k/chat.json",
+                                   "download/llava-laion-cc-sbu-558k"],
+        "finetune_stage_components": ["download/llava-v1.5-instruct/llava_v1_5_lvis4v_lrv_mix1231k.json",
+                                      "download/llava-v1.5-instruct"],
+        "dataset_root_dir": "data",
+    },
+    "stage": "finetune", "pretrained_checkpoint": None, "run_id": "llava-lvis4v-lrv+cobra+3b+stage-finetune+x7",
+    "run_root_dir": "runs", "seed": 7, "hf_token": ".hf_token", "trackers": ["jsonl", "wandb"],
+    "wandb_project": "cobra", "wandb_entity": None,
+}
+
+
+def zephyr_prompt(message: str) -> str:
+    """One user turn of Cobra's ``ZephyrChatPromptBuilder``: ``<image>`` removed, stripped, then
+    ``<|user|>\\n{message}<|endoftext|>\\n<|assistant|>\\n``."""
+    message = message.replace("<image>", "").strip()
+    return f"<|user|>\n{message}<|endoftext|>\n<|assistant|>\n"
+
+
+def cobra_vqa_prompt(question: str) -> str:
+    """Cobra's short-answer VQA prompt, byte for byte (vlm-evaluation's ``get_vqa_chat_prompt_fn``)."""
+    return zephyr_prompt(f"\n{question}{VQA_SUFFIX}")
+
+
+COBRA_SPEC = VLMSpec(
+    name="cobra", prompt_template=cobra_vqa_prompt, max_new_tokens=128, eos_token="<|endoftext|>",
+    notes="Prompt: Cobra's ZephyrChatPromptBuilder with vlm-evaluation's VQA message. Decoding: vlm-evaluation "
+          "PrismaticVLM defaults (do_sample=False, max_new_tokens=128, temperature=1.0), EOS <|endoftext|>.")
+
+
+def build_cobra(dino: ViTTower, siglip: ViTTower, projector: MLPProjector, lm: MambaLM, tokenizer) -> MambaVLM:
+    """A Cobra :class:`MambaVLM` from its parts (DINOv2 channels first, then SigLIP's)."""
+    return MambaVLM(FusedViTTower({"dino": dino, "siglip": siglip}), projector, lm, tokenizer, COBRA_SPEC)
+
+
+def random_cobra(lm: MambaLM, tokenizer, *, image_size: int = 384, patch_size: int = 14, dino: dict | None = None,
+                 siglip: dict | None = None, seed: int = 0) -> MambaVLM:
+    """Cobra's architecture with random towers and projector around ``lm`` (for tests).
+
+    ``dino`` / ``siglip`` are transformers config fields for the towers (small by default); the projector is
+    the fused GELU MLP from their summed width to ``lm``'s width.
+    """
+    dino_cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_register_tokens=4)
+    siglip_cfg = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+    dino_cfg.update(dino or {})
+    siglip_cfg.update(siglip or {})
+    dino_model = random_vit_model("dinov2", seed=seed, image_size=image_size, patch_size=patch_size, **dino_cfg)
+    siglip_model = random_vit_model("siglip", seed=seed + 1, image_size=image_size, patch_size=patch_size,
+                                    hidden_act="gelu", **siglip_cfg)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        projector = MLPProjector(dino_model.config.hidden_size + siglip_model.config.hidden_size, lm.config.d_model)
+    return build_cobra(ViTTower("dinov2", dino_model), ViTTower("siglip", siglip_model), projector, lm.eval(),
+                       tokenizer).eval()
+
+
+def save_cobra(model: MambaVLM, run_dir, *, dino_dir=None, siglip_dir=None, tokenizer_dir=None) -> None:
+    """Write ``model`` in the released layouts: the run folder (``config.json`` +
+    ``checkpoints/latest-checkpoint.pt``), and optionally the towers as their public transformers folders
+    (SigLIP's with the hub's ``gelu_pytorch_tanh`` in its config) and the tokenizer."""
+    run_dir = Path(run_dir)
+    (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+    with open(run_dir / "config.json", "w") as f:
+        json.dump(COBRA_RUN_CONFIG, f, indent=2)
+    parts = {"projector": {f"projector.{k}": v.detach().cpu() for k, v in model.projector.state_dict().items()},
+             "llm_backbone": {f"llm.{k}": v.detach().cpu() for k, v in model.lm.state_dict().items()}}
+    torch.save({"model": parts}, run_dir / "checkpoints" / "latest-checkpoint.pt")
+    towers = model.vision.towers
+    if dino_dir is not None:
+        save_vit_model("dinov2", towers["dino"].model, dino_dir)
+    if siglip_dir is not None:
+        save_vit_model("siglip", towers["siglip"].model, siglip_dir, hidden_act="gelu_pytorch_tanh")
+    if tokenizer_dir is not None:
+        model.tokenizer.save_pretrained(str(tokenizer_dir))
+
+
+def read_cobra_checkpoint(path) -> tuple[dict, dict]:
+    """``(projector state, llm_backbone state)`` of a ``latest-checkpoint.pt`` (read with ``weights_only``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"Cobra checkpoint not found: {path}")
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, corrupted, or holding arbitrary pickled objects
+        raise CheckpointError(f"cannot read the Cobra checkpoint {path}: it is truncated, corrupted or not a "
+                              f"weights file ({type(e).__name__}: {str(e)[:200]})") from e
+    model = obj.get("model") if isinstance(obj, dict) else None
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{path} does not hold {{'model': {{'projector': ..., 'llm_backbone': ...}}}}")
+    parts = []
+    for name in ("projector", "llm_backbone"):
+        part = model.get(name)
+        if not isinstance(part, dict):
+            raise CheckpointError(f"{path}: missing part {name!r} under 'model' (found {sorted(model)})")
+        bad = [repr(k) for k, v in part.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if bad:
+            raise CheckpointError(f"{path}: part {name!r} holds entries that are not named tensors: {bad[:20]}")
+        parts.append(part)
+    return parts[0], parts[1]
+
+
+def _read_run_config(run_dir: Path) -> dict:
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"missing config.json in the Cobra run folder {run_dir}")
+    try:
+        cfg = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    model = cfg.get("model") if isinstance(cfg, dict) else None
+    if not isinstance(model, dict):
+        raise CheckpointError(f"{path} has no 'model' section")
+    checks = [("vision_backbone_id", model.get("vision_backbone_id") in COBRA_VISION_BACKBONES,
+               sorted(COBRA_VISION_BACKBONES)),
+              ("llm_backbone_id", model.get("llm_backbone_id") == COBRA_LLM_BACKBONE, [COBRA_LLM_BACKBONE]),
+              ("arch_specifier", str(model.get("arch_specifier", "")).endswith("fused-gelu-mlp"),
+               ["...fused-gelu-mlp"]),
+              ("image_resize_strategy", model.get("image_resize_strategy") in RESIZE_STRATEGIES,
+               list(RESIZE_STRATEGIES))]
+    for key, ok, supported in checks:
+        if not ok:
+            raise CheckpointError(f"{path}: model.{key} = {model.get(key)!r} is not supported (supported: "
+                                  f"{supported})")
+    return model
+
+
+@register_model("cobra")
+def load_cobra(run_dir, *, dino_dir, siglip_dir, tokenizer_dir, dtype: torch.dtype | None = None,
+               device=None) -> MambaVLM:
+    """Cobra from a released run folder and local tower and tokenizer folders (nothing is downloaded).
+
+    Args:
+        run_dir: the ``cobra+3b`` folder of ``han1997/cobra`` (``config.json``, ``checkpoints/``).
+        dino_dir: DINOv2 ViT-L/14 with 4 registers: transformers ``facebook/dinov2-with-registers-large``, or
+            timm ``timm/vit_large_patch14_reg4_dinov2.lvd142m``.
+        siglip_dir: SigLIP so400m/14 at 384 px: transformers ``google/siglip-so400m-patch14-384``, or
+            weights with the names of timm's ``vit_so400m_patch14_siglip_384`` state dict.
+        tokenizer_dir: the GPT-NeoX tokenizer Cobra loads with its LLM (``xiuyul/mamba-2.8b-zephyr``).
+        dtype, device: where to put the model (e.g. ``torch.bfloat16``, ``"cuda"``); default fp32 on the CPU.
+    """
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise CheckpointError(f"Cobra run folder not found: {run_dir}")
+    model_cfg = _read_run_config(run_dir)
+    ckpt = run_dir / "checkpoints" / "latest-checkpoint.pt"
+    projector_state, llm_state = read_cobra_checkpoint(ckpt)
+    if projector_state and all(k.startswith("projector.") for k in projector_state):
+        projector_state = {k[len("projector."):]: v for k, v in projector_state.items()}
+    projector = projector_from_state(projector_state, f"{ckpt} (model.projector)")
+    source = f"{ckpt} (model.llm_backbone)"
+    llm_state = to_internal_keys(split_prefixed(llm_state, ["llm."], source)["llm."])
+    lm = build_from_state(MambaLM, mamba_config_from_state(llm_state, source), llm_state, source)
+    size = COBRA_VISION_BACKBONES[model_cfg["vision_backbone_id"]]
+    resize = model_cfg["image_resize_strategy"]
+    dino = ViTTower("dinov2", load_vit_model("dinov2", dino_dir, image_size=size), resize=resize)
+    siglip = ViTTower("siglip", load_vit_model("siglip", siglip_dir, image_size=size, hidden_act="gelu"),
+                      resize=resize)
+    model = build_cobra(dino, siglip, projector, lm, load_tokenizer(tokenizer_dir))
+    if dtype is not None or device is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model.eval()
