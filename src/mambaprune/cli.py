@@ -47,6 +47,21 @@ def _bench_pruning(args) -> int:
     return 0
 
 
+def _synth(args) -> int:
+    from tqdm import tqdm
+
+    from .data.synthvqa import SynthConfig, generate_synthvqa
+
+    cfg = SynthConfig(seed=args.seed, per_family=args.per_family, train_multiplier=args.train_multiplier,
+                      image_size=args.image_size, code_length=args.code_length)
+    with tqdm(total=sum(cfg.split_sizes().values()), desc="synth", unit="img", file=sys.stderr) as bar:
+        manifest = generate_synthvqa(args.out, cfg, progress=bar.update)
+    sizes = ", ".join(f"{split} {c['images']}" for split, c in manifest["splits"].items())
+    print(f"SynthVQA written to {args.out}: images (= questions per family) {sizes}; "
+          f"{len(manifest['files'])} files listed in manifest.json")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mambaprune", description="Training-free visual token pruning for Mamba MLLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -60,6 +75,14 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--pruning", action="store_true",
                    help="instead: FLOPs ratio vs prefill-time ratio of the pruning methods, and their own time")
     b.set_defaults(func=_bench)
+    s = sub.add_parser("synth", help="write the SynthVQA benchmark (train/val/test, public formats) to a folder")
+    s.add_argument("--out", required=True, help="output folder (new, empty, or an earlier SynthVQA folder)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, same bytes")
+    s.add_argument("--per-family", type=int, default=500, help="questions per family in val and test (default 500)")
+    s.add_argument("--train-multiplier", type=int, default=10, help="train size = per-family x this (default 10)")
+    s.add_argument("--image-size", type=int, default=224, help="image side in pixels (default 224)")
+    s.add_argument("--code-length", type=int, default=3, help="characters of the code on the sign (default 3)")
+    s.set_defaults(func=_synth)
     return p
 
 
