@@ -63,7 +63,7 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
         if (folder / single).is_file():
             return read_state_file(folder / single)
         if (folder / index_name).is_file():
-            index = _read_json(folder / index_name)
+            index = read_json(folder / index_name)
             weight_map = index.get("weight_map") if isinstance(index, dict) else None
             if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise CheckpointError(f"{folder / index_name} has no valid weight_map")
@@ -80,9 +80,13 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
                           f"sharded index")
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path, folder_kind: str = "") -> dict:
+    """A JSON file of a checkpoint folder; a missing or invalid one is a :class:`CheckpointError` naming it
+    (``folder_kind``, e.g. "the Cobra run folder", says which folder it was missing from)."""
+    path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"missing {path.name} in {path.parent}")
+        where = f"{folder_kind} {path.parent}" if folder_kind else str(path.parent)
+        raise CheckpointError(f"missing {path.name} in {where}")
     try:
         with open(path) as f:
             return json.load(f)
@@ -221,7 +225,7 @@ def load_mamba_lm(cls, folder, dtype=None, device=None):
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
-    raw = _read_json(folder / "config.json")
+    raw = read_json(folder / "config.json")
     layout = detect_layout(raw)
     config = config_from_transformers(raw) if layout == "transformers" else config_from_mamba_ssm(raw)
     model = build_from_state(cls, config, read_folder_weights(folder), str(folder))

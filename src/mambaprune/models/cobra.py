@@ -33,8 +33,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (CheckpointError, build_from_state, mamba_config_from_state, split_prefixed,
-                          to_internal_keys)
+from .checkpoints import (CheckpointError, build_from_state, mamba_config_from_state, read_json,
+                          split_prefixed, to_internal_keys)
 from .mamba_lm import MambaLM
 from .projector import MLPProjector, projector_from_state
 from .registry import register_model
@@ -170,12 +170,7 @@ def read_cobra_checkpoint(path) -> tuple[dict, dict]:
 
 def _read_run_config(run_dir: Path) -> dict:
     path = run_dir / "config.json"
-    if not path.is_file():
-        raise CheckpointError(f"missing config.json in the Cobra run folder {run_dir}")
-    try:
-        cfg = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{path} is not valid JSON: {e}") from e
+    cfg = read_json(path, "the Cobra run folder")
     model = cfg.get("model") if isinstance(cfg, dict) else None
     if not isinstance(model, dict):
         raise CheckpointError(f"{path} has no 'model' section")

@@ -32,7 +32,6 @@ mapping targets the parameter names of transformers >= 5 (checked with 5.23).
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -46,7 +45,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
 
-from .checkpoints import CheckpointError, load_state_checked, read_folder_weights, read_state_file
+from .checkpoints import CheckpointError, load_state_checked, read_folder_weights, read_json, read_state_file
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -423,13 +422,7 @@ def load_vit_model(kind: str, path, *, image_size: int | None = None, num_heads:
         model = model_from_timm(kind, read_state_file(path), num_heads=num_heads, source=str(path),
                                 **config_overrides)
     elif path.is_dir():
-        cfg_path = path / "config.json"
-        if not cfg_path.is_file():
-            raise CheckpointError(f"missing config.json in the {kind} tower folder {path}")
-        try:
-            cfg = json.loads(cfg_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from e
+        cfg = read_json(path / "config.json", f"the {kind} tower folder")
         if isinstance(cfg, dict) and "architecture" in cfg:  # timm's hub config
             heads = (cfg.get("model_args") or {}).get("num_heads", num_heads)
             model = model_from_timm(kind, read_folder_weights(path), num_heads=heads, source=str(path),
