@@ -151,6 +151,33 @@ class NoPruning(Pruner):
         return [n_visual + n_text] * n_layer
 
 
+class KeepVisualAtLayer(Pruner):
+    """A method that, at one layer ``layer`` (K), lets ``round(keep_ratio * n_visual)`` visual tokens go on.
+
+    Subclasses implement :meth:`act` (which tokens); this class holds the parameters, resolves K (a method
+    with a ``signal`` reads it from layer K - 1, so it needs K >= 1) and predicts the per-layer token counts.
+    """
+
+    def __init__(self, keep_ratio: float, layer: int | float, seed: int = 0):
+        super().__init__(seed)
+        self.keep_ratio = check_ratio(keep_ratio)
+        self.layer_spec = layer
+
+    def params(self):
+        return dict(keep_ratio=self.keep_ratio, layer=self.layer_spec)
+
+    def setup(self, n_layer):
+        k = resolve_layer(self.layer_spec, n_layer, "layer")
+        if self.signal is not None and k < 1:
+            raise ValueError(f"{self.name} needs layer >= 1: it reads the {self.signal} of layer K - 1")
+        return {k}
+
+    def expected_tokens(self, n_layer, n_visual, n_text):
+        k = resolve_layer(self.layer_spec, n_layer, "layer")
+        kept = num_to_keep(n_visual, self.keep_ratio)
+        return [n_visual + n_text if l < k else kept + n_text for l in range(n_layer)]
+
+
 def topk_in_order(scores: torch.Tensor, candidates: torch.Tensor, k: torch.Tensor | int) -> torch.Tensor:
     """(batch, L) bool: for each sample the ``k`` highest-scoring candidate tokens (ties: the earlier token).
 

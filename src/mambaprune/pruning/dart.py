@@ -17,7 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .base import Pruner, check_ratio, keep_visual, num_to_keep, resolve_layer, visual_keep_counts
+from .base import KeepVisualAtLayer, keep_visual, visual_keep_counts
 from .registry import register
 
 
@@ -49,20 +49,15 @@ def dart_select(features: torch.Tensor, budget: int, num_pivots: int = 8) -> tor
 
 
 @register("dart")
-class DART(Pruner):
+class DART(KeepVisualAtLayer):
     def __init__(self, keep_ratio: float = 0.5, layer: int = 2, pivots: int = 8, seed: int = 0):
-        super().__init__(seed)
-        self.keep_ratio = check_ratio(keep_ratio)
-        self.layer_spec = layer
+        super().__init__(keep_ratio, layer, seed)
         if isinstance(pivots, bool) or not isinstance(pivots, int) or pivots < 1:
             raise ValueError(f"pivots must be a positive integer, got {pivots!r}")
         self.pivots = pivots
 
     def params(self):
         return dict(keep_ratio=self.keep_ratio, layer=self.layer_spec, pivots=self.pivots)
-
-    def setup(self, n_layer):
-        return {resolve_layer(self.layer_spec, n_layer, "layer")}
 
     def act(self, seq, layer):
         counts = visual_keep_counts(seq, self.keep_ratio)
@@ -72,8 +67,3 @@ class DART(Pruner):
             idx = torch.nonzero(seq.is_visual[b] & seq.mask[b]).flatten()
             chosen[b, idx[dart_select(stream[b, idx], int(counts[b]), self.pivots)]] = True
         return keep_visual(seq, chosen)
-
-    def expected_tokens(self, n_layer, n_visual, n_text):
-        k = resolve_layer(self.layer_spec, n_layer, "layer")
-        kept = num_to_keep(n_visual, self.keep_ratio)
-        return [n_visual + n_text if l < k else kept + n_text for l in range(n_layer)]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Pruner, check_ratio, keep_visual, num_to_keep, visual_keep_counts
+from .base import KeepVisualAtLayer, keep_visual, visual_keep_counts
 from .registry import register
 
 
@@ -38,16 +38,12 @@ def max_min_diverse(features: torch.Tensor, k: int) -> torch.Tensor:
 
 
 @register("divprune")
-class DivPrune(Pruner):
+class DivPrune(KeepVisualAtLayer):
     def __init__(self, keep_ratio: float = 0.5, seed: int = 0):
-        super().__init__(seed)
-        self.keep_ratio = check_ratio(keep_ratio)
+        super().__init__(keep_ratio, 0, seed)
 
     def params(self):
         return dict(keep_ratio=self.keep_ratio)
-
-    def setup(self, n_layer):
-        return {0}
 
     def act(self, seq, layer):
         counts = visual_keep_counts(seq, self.keep_ratio)
@@ -57,6 +53,3 @@ class DivPrune(Pruner):
             pick = max_min_diverse(seq.stream()[b, idx], int(counts[b]))
             chosen[b, idx[pick]] = True
         return keep_visual(seq, chosen)
-
-    def expected_tokens(self, n_layer, n_visual, n_text):
-        return [num_to_keep(n_visual, self.keep_ratio) + n_text] * n_layer

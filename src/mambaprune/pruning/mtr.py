@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .base import Pruner, check_ratio, num_to_keep, resolve_layer
+from .base import KeepVisualAtLayer, num_to_keep
 from .registry import register
 
 
@@ -56,22 +56,11 @@ def bipartite_mean_merge(features: torch.Tensor, values: list[torch.Tensor], tar
 
 
 @register("mtr")
-class MTR(Pruner):
+class MTR(KeepVisualAtLayer):
     signal = "delta"
 
     def __init__(self, keep_ratio: float = 0.5, layer: int = 2, seed: int = 0):
-        super().__init__(seed)
-        self.keep_ratio = check_ratio(keep_ratio)
-        self.layer_spec = layer
-
-    def params(self):
-        return dict(keep_ratio=self.keep_ratio, layer=self.layer_spec)
-
-    def setup(self, n_layer):
-        k = resolve_layer(self.layer_spec, n_layer, "layer")
-        if k < 1:
-            raise ValueError("mtr needs layer >= 1: its grouping reads the Δ of layer K - 1")
-        return {k}
+        super().__init__(keep_ratio, layer, seed)
 
     def act(self, seq, layer):
         scores = self.importance(seq)
@@ -88,8 +77,3 @@ class MTR(Pruner):
             keep_mask[b, idx[keep]] = True
             keep_mask[b, idx[target]] = True
         return seq.replace(hidden=hidden, residual=residual).select(keep_mask)
-
-    def expected_tokens(self, n_layer, n_visual, n_text):
-        k = resolve_layer(self.layer_spec, n_layer, "layer")
-        kept = num_to_keep(n_visual, self.keep_ratio)
-        return [n_visual + n_text if l < k else kept + n_text for l in range(n_layer)]

@@ -6,31 +6,17 @@ comes from the pruner's generator, re-seeded with ``seed`` at every forward pass
 """
 from __future__ import annotations
 
-from .base import Pruner, check_ratio, keep_visual, num_to_keep, random_visual_subset, resolve_layer, \
-    visual_keep_counts
+from .base import KeepVisualAtLayer, keep_visual, random_visual_subset, visual_keep_counts
 from .registry import register
 
 
-class _RandomVisual(Pruner):
-    def __init__(self, keep_ratio: float, layer: int, seed: int):
-        super().__init__(seed)
-        self.keep_ratio = check_ratio(keep_ratio)
-        self.layer_spec = layer
-
+class _RandomVisual(KeepVisualAtLayer):
     def params(self):
         return dict(keep_ratio=self.keep_ratio, layer=self.layer_spec, seed=self.seed)
-
-    def setup(self, n_layer):
-        return {resolve_layer(self.layer_spec, n_layer, "layer")}
 
     def act(self, seq, layer):
         counts = visual_keep_counts(seq, self.keep_ratio)
         return keep_visual(seq, random_visual_subset(seq, counts, self.generator))
-
-    def expected_tokens(self, n_layer, n_visual, n_text):
-        k = resolve_layer(self.layer_spec, n_layer, "layer")
-        kept = num_to_keep(n_visual, self.keep_ratio)
-        return [n_visual + n_text if l < k else kept + n_text for l in range(n_layer)]
 
 
 @register("random_pre")
