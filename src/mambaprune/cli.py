@@ -1,50 +1,47 @@
-"""The ``mambaprune`` command. Sub-commands arrive with their issues; the engine benchmark is here now."""
+"""The ``mambaprune`` command: ``bench`` (engine, or with ``--pruning`` the methods) and ``synth``; more sub-commands arrive with their issues."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 
-def _bench(args) -> int:
+def _run_benchmark(run, settings, format_result, json_path) -> int:
+    """Run a benchmark with a one-line status on stderr, print its table, optionally save it as JSON."""
     from tqdm import tqdm
 
+    from .bench import save_json
+
+    bar = tqdm(total=None, bar_format="{desc}", leave=False, file=sys.stderr)
+    res = run(settings, progress=lambda msg: bar.set_description_str(f"bench: {msg}"))
+    bar.close()
+    print(format_result(res))
+    if json_path:
+        save_json(res, json_path)
+        print(f"\nwritten {json_path}")
+    return 0
+
+
+def _bench(args) -> int:
     if args.pruning:
         return _bench_pruning(args)
 
-    from .bench import BenchSettings, format_table, run_engine_benchmark, save_json
+    from .bench import BenchSettings, format_table, run_engine_benchmark
 
     s = BenchSettings(threads=args.threads, repeats=args.repeats, with_transformers=not args.no_transformers)
     if args.quick:
         s.d_model, s.n_layer, s.seq_len, s.scan_d_inner, s.scan_len = 128, 4, 96, 256, 96
     if args.seq_len:
         s.seq_len = s.scan_len = args.seq_len
-    bar = tqdm(total=None, bar_format="{desc}", leave=False, file=sys.stderr)
-    res = run_engine_benchmark(s, progress=lambda msg: bar.set_description_str(f"bench: {msg}"))
-    bar.close()
-    print(format_table(res))
-    if args.json:
-        save_json(res, args.json)
-        print(f"\nwritten {args.json}")
-    return 0
+    return _run_benchmark(run_engine_benchmark, s, format_table, args.json)
 
 
 def _bench_pruning(args) -> int:
-    from tqdm import tqdm
-
-    from .bench import save_json
     from .bench_pruning import PruningBenchSettings, format_pruning_table, run_pruning_benchmark
 
     s = PruningBenchSettings(threads=args.threads, repeats=args.repeats)
     if args.quick:
         s.d_model, s.n_layer, s.vocab_size, s.n_visual, s.n_text = 64, 8, 512, 64, 8
-    bar = tqdm(total=None, bar_format="{desc}", leave=False, file=sys.stderr)
-    res = run_pruning_benchmark(s, progress=lambda msg: bar.set_description_str(f"bench: {msg}"))
-    bar.close()
-    print(format_pruning_table(res))
-    if args.json:
-        save_json(res, args.json)
-        print(f"\nwritten {args.json}")
-    return 0
+    return _run_benchmark(run_pruning_benchmark, s, format_pruning_table, args.json)
 
 
 def _synth(args) -> int:
