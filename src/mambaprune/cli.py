@@ -1,4 +1,6 @@
-"""The ``mambaprune`` command: ``bench`` (engine, or with ``--pruning`` the methods) and ``synth``; more sub-commands arrive with their issues."""
+"""The ``mambaprune`` command: ``bench`` (the engine, or with ``--pruning`` the methods) and ``synth``.
+
+More sub-commands arrive with their issues."""
 from __future__ import annotations
 
 import argparse
