@@ -61,6 +61,15 @@ def _synth(args) -> int:
     return 0
 
 
+def _train_testbed(args) -> int:
+    from .train_testbed import settings_from_args, train
+
+    info = train(settings_from_args(args), log=lambda m: print(m, flush=True))
+    acc = ", ".join(f"{k} {100 * v:.1f}" for k, v in info["test_accuracy"].items())
+    print(f"testbed written to {args.out} after {info['steps_done']} steps; test accuracy (%): {acc}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mambaprune", description="Training-free visual token pruning for Mamba MLLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -82,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--image-size", type=int, default=224, help="image side in pixels (default 224)")
     s.add_argument("--code-length", type=int, default=3, help="characters of the code on the sign (default 3)")
     s.set_defaults(func=_synth)
+    from .train_testbed import add_arguments
+
+    t = sub.add_parser("train-testbed", help="train the testbed model on a SynthVQA folder (CPU, resumable)")
+    add_arguments(t)
+    t.set_defaults(func=_train_testbed)
     return p
 
 

@@ -159,7 +159,7 @@ _FONT_ROWS = {
 GLYPHS = {ch: np.array([[c == "#" for c in row] for row in rows.split()], dtype=bool)
           for ch, rows in _FONT_ROWS.items()}
 CODE_ALPHABET = "".join(_FONT_ROWS)
-_GLYPH_H, _GLYPH_W = 7, 5
+GLYPH_H, GLYPH_W = 7, 5
 _SIGN_PAD = 2  # sign padding around the text, in font pixels
 
 
@@ -230,21 +230,21 @@ def load_scenes(root: str | Path, split: str) -> list[dict]:
 # --- drawing ------------------------------------------------------------------------------------------------------
 
 def _text_width(length: int, scale: int) -> int:
-    return (length * (_GLYPH_W + 1) - 1) * scale
+    return (length * (GLYPH_W + 1) - 1) * scale
 
 
 def _font_scale(cell: int, length: int) -> int:
     """The largest integer font scale whose sign (text, padding, 1 px border each side) fits in a cell."""
-    return max(1, (cell - 2) // (length * (_GLYPH_W + 1) - 1 + 2 * _SIGN_PAD))
+    return max(1, (cell - 2) // (length * (GLYPH_W + 1) - 1 + 2 * _SIGN_PAD))
 
 
 def code_mask(code: str, scale: int) -> np.ndarray:
     """Boolean (7*scale, width) mask of the code's ink: glyphs 5 font pixels wide, 1 pixel apart."""
-    mask = np.zeros((_GLYPH_H * scale, _text_width(len(code), scale)), dtype=bool)
+    mask = np.zeros((GLYPH_H * scale, _text_width(len(code), scale)), dtype=bool)
     for k, ch in enumerate(code):
         glyph = np.kron(GLYPHS[ch], np.ones((scale, scale), dtype=bool))
-        x = k * (_GLYPH_W + 1) * scale
-        mask[:, x:x + _GLYPH_W * scale] = glyph
+        x = k * (GLYPH_W + 1) * scale
+        mask[:, x:x + GLYPH_W * scale] = glyph
     return mask
 
 
@@ -393,7 +393,7 @@ def _draw_scene(rng: random.Random, cfg: SynthConfig, n_target: int) -> tuple[di
         if normalize_answer(code) == code.lower():
             break
     scale = _font_scale(cell, cfg.code_length)
-    text_w, text_h = _text_width(cfg.code_length, scale), _GLYPH_H * scale
+    text_w, text_h = _text_width(cfg.code_length, scale), GLYPH_H * scale
     sign_w, sign_h = text_w + 2 * _SIGN_PAD * scale + 2, text_h + 2 * _SIGN_PAD * scale + 2
     row, col = cells[len(kinds)]
     x = margin + col * cell + rng.randint(0, cell - sign_w)

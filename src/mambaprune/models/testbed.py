@@ -1,0 +1,195 @@
+"""The testbed: a small Cobra-style Mamba MLLM trained on SynthVQA, shipped with the package.
+
+No released checkpoint can be downloaded where this toolkit is developed and tested, so every accuracy figure it
+prints on a real model comes from this one: ``load_model("testbed")`` (or :func:`load_testbed`) builds it from
+the files in ``mambaprune/assets/testbed`` in well under a second.
+
+Architecture (Cobra's, scaled down; see :class:`TestbedConfig`):
+
+* **vision**: a transformers ``SiglipVisionModel`` (224 px, 16 px patches, so 14 x 14 = 196 patch tokens, 4
+  blocks of width 128) read at its last block (``feature_layer=-1``, where Cobra reads the second-to-last);
+  pixels are resized naively to 224 px and normalised with SigLIP's mean/std 0.5;
+* **projector**: the fused GELU MLP of Cobra (:class:`~mambaprune.models.projector.MLPProjector`, keys
+  ``0/2/4``);
+* **language model**: a :class:`~mambaprune.models.mamba_lm.MambaLM` with 16 layers of width 128 (d_state 16,
+  expand 2), tied embeddings, so DTP's ranges mean something: the early range is layers 0-3, the late one 11-15;
+* **tokenizer**: a byte-level BPE trained on the SynthVQA training questions (:func:`build_tokenizer`) in which
+  every capital letter and digit is its own token, so a sign's code is spelled one character per token;
+* **prompt**: Cobra's Zephyr turn without the VQA suffix, ``<|user|>\\n{question}<|endoftext|>\\n<|assistant|>\\n``;
+  greedy decoding, at most 8 new tokens, stopping at ``<|endoftext|>``.
+
+Files of a testbed folder (what :func:`save_testbed` writes): ``config.json`` (the :class:`TestbedConfig`, the
+training settings and the measured test accuracy), ``model.safetensors`` (keys ``vision.*`` as transformers names
+the SigLIP vision model, ``projector.{0,2,4}.*``, ``lm.*`` as :class:`MambaLM` names them), ``tokenizer.json`` and
+``tokenizer_config.json``; next to them the training log (``train_log.jsonl``) and curves (``curves.png``).
+The training script is :mod:`mambaprune.train_testbed`.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from .checkpoints import CheckpointError, load_state_checked, read_json, read_state_file, split_prefixed
+from .cobra import zephyr_prompt
+from .mamba_lm import MambaConfig, MambaLM
+from .projector import MLPProjector
+from .registry import register_model
+from .vision import ViTTower, _transformers_class
+from .vlm import MambaVLM, VLMSpec, load_tokenizer
+
+#: where the shipped testbed lives (inside the installed package)
+TESTBED_DIR = Path(__file__).resolve().parent.parent / "assets" / "testbed"
+FORMAT = "mambaprune-testbed"
+FORMAT_VERSION = 1
+SPECIAL_TOKENS = ("<|endoftext|>", "<|user|>", "<|assistant|>")
+
+
+def testbed_prompt(question: str) -> str:
+    """``<|user|>\\n{question}<|endoftext|>\\n<|assistant|>\\n`` (Cobra's Zephyr turn, no VQA suffix)."""
+    return zephyr_prompt(question)
+
+
+TESTBED_SPEC = VLMSpec(
+    name="testbed", prompt_template=testbed_prompt, max_new_tokens=8, eos_token="<|endoftext|>",
+    notes="Trained on SynthVQA with this prompt; answers are one word, a number or a 3-character code.")
+
+
+@dataclass
+class TestbedConfig:
+    """Sizes of the testbed's three parts.
+
+    Attributes:
+        image_size, patch_size: the SigLIP tower's input (grid = image_size // patch_size per side).
+        vision_width, vision_layers, vision_heads, vision_mlp: the tower's width, blocks, heads, MLP width.
+        feature_layer: which of the tower's hidden states feeds the projector (-1: the last block).
+        projector_hidden: hidden width of the GELU MLP projector.
+        d_model, n_layer, d_state, expand: the Mamba LM's shape; ``vocab_size`` is the tokenizer's.
+    """
+
+    image_size: int = 224
+    patch_size: int = 16
+    vision_width: int = 128
+    vision_layers: int = 4
+    vision_heads: int = 4
+    vision_mlp: int = 512
+    feature_layer: int = -1
+    projector_hidden: int = 512
+    d_model: int = 128
+    n_layer: int = 16
+    d_state: int = 16
+    expand: int = 2
+    vocab_size: int = 384
+    extra: dict = field(default_factory=dict)
+
+    def vision_config(self) -> dict:
+        return dict(image_size=self.image_size, patch_size=self.patch_size, hidden_size=self.vision_width,
+                    num_hidden_layers=self.vision_layers, num_attention_heads=self.vision_heads,
+                    intermediate_size=self.vision_mlp, hidden_act="gelu", vision_use_head=False)
+
+    def mamba_config(self, eos_token_id: int = 0) -> MambaConfig:
+        return MambaConfig(d_model=self.d_model, n_layer=self.n_layer, d_state=self.d_state, expand=self.expand,
+                           vocab_size=self.vocab_size, eos_token_id=eos_token_id, pad_token_id=eos_token_id)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TestbedConfig":
+        known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def build_tokenizer(texts, vocab_size: int = 384):
+    """A transformers fast tokenizer (byte-level BPE) trained on ``texts``.
+
+    Capital letters and digits are split off before BPE, so they never merge: a code such as ``K7M`` is the
+    three tokens ``K``, ``7``, ``M`` whatever the corpus. ``<|endoftext|>`` (id 0), ``<|user|>`` and
+    ``<|assistant|>`` are special tokens. Decoding gives back the exact text.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex("[A-Z0-9]"), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(list(texts), trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   additional_special_tokens=list(SPECIAL_TOKENS[1:]))
+
+
+def build_testbed(config: TestbedConfig, tokenizer) -> MambaVLM:
+    """A testbed :class:`MambaVLM` with freshly initialised weights (transformers' init for the tower, PyTorch's
+    for the projector, :class:`MambaLM`'s own for the LM; training re-initialises the LM, see
+    :func:`mambaprune.train_testbed.init_mamba_`)."""
+    vocab = len(tokenizer)
+    if vocab > config.vocab_size:
+        raise ValueError(f"the tokenizer has {vocab} tokens, the config only {config.vocab_size}")
+    siglip_cfg = _transformers_class("SiglipVisionConfig")(**config.vision_config())
+    vision = ViTTower("siglip", _transformers_class("SiglipVisionModel")(siglip_cfg),
+                      feature_layer=config.feature_layer)
+    projector = MLPProjector(config.vision_width, config.d_model, hidden_dim=config.projector_hidden)
+    eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+    lm = MambaLM(config.mamba_config(eos_token_id=eos))
+    return MambaVLM(vision, projector, lm, tokenizer, TESTBED_SPEC)
+
+
+def testbed_state(model: MambaVLM) -> dict[str, torch.Tensor]:
+    """The weights as saved: ``vision.*`` (SigLIP vision model names), ``projector.*``, ``lm.*``."""
+    parts = {"vision.": model.vision.model, "projector.": model.projector, "lm.": model.lm}
+    return {p + k: v.detach().cpu().contiguous() for p, m in parts.items() for k, v in m.state_dict().items()}
+
+
+def save_testbed(model: MambaVLM, config: TestbedConfig, folder, info: dict | None = None) -> None:
+    """Write ``config.json``, ``model.safetensors`` and the tokenizer into ``folder``. ``info`` (training
+    settings, accuracy) is stored in ``config.json`` under ``"info"``. The tied ``lm.lm_head.weight`` is not
+    stored (it is the embedding)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = testbed_state(model)
+    if model.lm.config.tie_embeddings:
+        state.pop("lm.lm_head.weight", None)
+    save_file(state, str(folder / "model.safetensors"), metadata={"format": FORMAT})
+    with open(folder / "config.json", "w") as f:
+        json.dump({"format": FORMAT, "version": FORMAT_VERSION, "config": asdict(config), "info": info or {}},
+                  f, indent=2, sort_keys=True)
+    model.tokenizer.save_pretrained(str(folder))
+
+
+def read_testbed_config(folder) -> tuple[TestbedConfig, dict]:
+    """``(config, info)`` of a testbed folder; anything else is a :class:`CheckpointError`."""
+    folder = Path(folder)
+    raw = read_json(folder / "config.json", "the testbed folder")
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("config"), dict):
+        raise CheckpointError(f"{folder / 'config.json'} is not a {FORMAT} config")
+    if raw.get("version") != FORMAT_VERSION:
+        raise CheckpointError(f"{folder / 'config.json'}: format version {raw.get('version')} is not supported "
+                              f"(this mambaprune reads version {FORMAT_VERSION})")
+    return TestbedConfig.from_dict(raw["config"]), raw.get("info") or {}
+
+
+@register_model("testbed")
+def load_testbed(folder=None, *, dtype: torch.dtype | None = None, device=None) -> MambaVLM:
+    """The trained testbed (default: the copy shipped in the package), in eval mode."""
+    folder = Path(folder) if folder is not None else TESTBED_DIR
+    if not folder.is_dir():
+        raise CheckpointError(f"testbed folder not found: {folder}")
+    config, info = read_testbed_config(folder)
+    tokenizer = load_tokenizer(folder)
+    model = build_testbed(config, tokenizer)
+    state = read_state_file(folder / "model.safetensors")
+    source = str(folder / "model.safetensors")
+    parts = split_prefixed(state, ("vision.", "projector.", "lm."), source)
+    load_state_checked(model.vision.model, parts["vision."], source)
+    load_state_checked(model.projector, parts["projector."], source)
+    load_state_checked(model.lm, parts["lm."], source, optional=("lm_head.weight",))
+    model.info = info
+    model = model.eval()
+    if dtype is not None or device is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model

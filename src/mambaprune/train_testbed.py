@@ -1,0 +1,384 @@
+"""Train the testbed (:mod:`mambaprune.models.testbed`) from scratch on SynthVQA, on a CPU.
+
+What one training step sees: ``batch_size`` training images, each with its five questions (one per family) as a
+multi-turn Zephyr conversation in a random order, ``[196 visual tokens][turn][turn]...``, where a turn is
+``testbed_prompt(question) + answer + <|endoftext|>``. The loss is the cross-entropy of the answer tokens and
+their closing ``<|endoftext|>`` (prompts are not scored), as in LLaVA-style instruction tuning; one image's
+visual prefix serves all five questions, which makes a step about four times cheaper than five single-turn
+sequences. Evaluation is single-turn, exactly as the harness asks.
+
+Everything is trained jointly (tower, projector, LM) with AdamW, linear warm-up then cosine decay, gradient
+clipping, fp32. Every ``eval_every`` steps the model answers ``eval_per_family`` validation questions per family
+(greedy, the real metrics) and a line goes to ``train_log.jsonl``; a resumable checkpoint (``last.pt``, with the
+optimizer) is written at the same time, and a run started again with the same ``--out`` continues from it.
+At the end the testbed folder (:func:`~mambaprune.models.testbed.save_testbed`) is written to ``--out``
+with the test-split accuracy of every family and the training-curve plot ``curves.png``.
+
+Command line: ``mambaprune train-testbed --data SYNTH_DIR --out DIR [--steps N] [--batch-size B] ...``
+(``python -m mambaprune.train_testbed`` takes the same options).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .data.readers import load_dataset
+from .data.synthvqa import CODE_ALPHABET, COLORS, FAMILIES, GLYPH_H, GLYPH_W, SHAPES
+from .eval.evaluate import answer_samples, score_samples
+from .models.testbed import (TestbedConfig, build_testbed, build_tokenizer, save_testbed, testbed_prompt)
+
+IGNORE = -100
+
+
+@dataclass
+class TrainSettings:
+    """Options of one training run (all saved in the testbed's ``config.json``)."""
+
+    data: str
+    out: str
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.05
+    warmup: int = 100
+    weight_decay: float = 0.05
+    grad_clip: float = 1.0
+    aux_weight: float = 0.5
+    seed: int = 0
+    eval_every: int = 100
+    eval_per_family: int = 60
+    test_per_family: int | None = None
+    threads: int | None = None
+    max_minutes: float | None = None
+    model: TestbedConfig = field(default_factory=TestbedConfig)
+
+
+def init_mamba_(lm, seed: int, dt_min: float = 1e-3, dt_max: float = 0.1) -> None:
+    """Mamba's training initialisation (Gu & Dao 2023, Sec. 3.6 and their reference setup), redrawn here:
+    embeddings N(0, 0.02); Linear layers PyTorch's default with zero biases; ``dt_proj.weight`` uniform in
+    ``±dt_rank^-0.5``; ``dt_proj.bias`` the inverse softplus of Δ drawn log-uniformly in [dt_min, dt_max];
+    ``A_log = log(1..d_state)``, ``D = 1``; each ``out_proj`` scaled by ``1/sqrt(n_layer)`` (pre-norm residual)."""
+    gen = torch.Generator().manual_seed(seed)
+    n_layer = lm.config.n_layer
+    with torch.no_grad():
+        nn.init.normal_(lm.backbone.embedding.weight, std=0.02, generator=gen)
+        for layer in lm.backbone.layers:
+            mixer = layer.mixer
+            for lin in (mixer.in_proj, mixer.x_proj, mixer.out_proj):
+                bound = 1 / math.sqrt(lin.in_features)
+                lin.weight.uniform_(-bound, bound, generator=gen)
+                if lin.bias is not None:
+                    lin.bias.zero_()
+            mixer.out_proj.weight.div_(math.sqrt(n_layer))
+            w = mixer.conv1d.weight
+            bound = 1 / math.sqrt(w.shape[1] * w.shape[2])
+            w.uniform_(-bound, bound, generator=gen)
+            if mixer.conv1d.bias is not None:
+                mixer.conv1d.bias.uniform_(-bound, bound, generator=gen)
+            r = mixer.dt_proj.in_features
+            mixer.dt_proj.weight.uniform_(-r ** -0.5, r ** -0.5, generator=gen)
+            u = torch.rand(mixer.dt_proj.out_features, generator=gen)
+            dt = torch.exp(u * (math.log(dt_max) - math.log(dt_min)) + math.log(dt_min)).clamp(min=1e-4)
+            mixer.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))   # softplus^-1(dt)
+            n = mixer.A_log.shape[1]
+            mixer.A_log.copy_(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(mixer.A_log.shape[0], 1))
+            mixer.D.fill_(1.0)
+
+
+def conversations(root, split: str) -> list[tuple[str, list[tuple[str, str]]]]:
+    """``[(image path, [(question, answer), ...])]``: the questions of each image of ``split``, with the most
+    common reference answer (the 10 VQAv2 answers agree on SynthVQA). Codes are taught as drawn, in capitals
+    (the TextVQA files hold them lower-cased; the VQA metric lower-cases both sides)."""
+    by_image: dict[str, list] = defaultdict(list)
+    for s in load_dataset("synthvqa", root, split):
+        answer = Counter(s.answers).most_common(1)[0][0]
+        if s.group == "synthvqa:read":
+            answer = answer.upper()
+        by_image[str(s.image)].append((s.question, answer))
+    return sorted(by_image.items())
+
+
+#: auxiliary per-patch classes: colour (none + 6), shape (none + 5), code characters (multi-label, 30)
+AUX_COLORS = ("none",) + tuple(COLORS)
+AUX_SHAPES = ("none",) + SHAPES
+
+
+def patch_targets(scene: dict, scene_size: int, image_size: int, patch_size: int) -> dict[str, torch.Tensor]:
+    """Per-patch targets of the auxiliary loss, read from a SynthVQA scene description: the colour and shape of
+    the object whose centre lies in the patch (class 0 where none does) and the set of code characters whose
+    centre lies in it. Coordinates are scaled from the scene's ``scene_size`` to the tower's ``image_size``."""
+    g = image_size // patch_size
+    scale = image_size / scene_size
+    color = torch.zeros(g * g, dtype=torch.long)
+    shape = torch.zeros(g * g, dtype=torch.long)
+    chars = torch.zeros(g * g, len(CODE_ALPHABET))
+
+    def patch(x: float, y: float) -> int:
+        col = min(g - 1, int(x * scale) // patch_size)
+        row = min(g - 1, int(y * scale) // patch_size)
+        return row * g + col
+
+    for obj in scene["objects"]:
+        p = patch(*obj["center"])
+        color[p] = AUX_COLORS.index(obj["color"])
+        shape[p] = AUX_SHAPES.index(obj["shape"])
+    sign = scene["sign"]
+    x0, y0 = sign["text_origin"]
+    k_scale = sign["scale"]
+    for k, ch in enumerate(scene["code"]):
+        cx = x0 + (k * (GLYPH_W + 1) + GLYPH_W / 2) * k_scale
+        cy = y0 + GLYPH_H / 2 * k_scale
+        chars[patch(cx, cy), CODE_ALPHABET.index(ch)] = 1.0
+    return {"color": color, "shape": shape, "chars": chars}
+
+
+class AuxHead(nn.Module):
+    """A linear read-out of the vision tower's patch features used only in training (not shipped): it makes the
+    tower encode what each patch holds early, which the language model then learns to use far sooner."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.sizes = (len(AUX_COLORS), len(AUX_SHAPES), len(CODE_ALPHABET))
+        self.proj = nn.Linear(dim, sum(self.sizes))
+
+    def loss(self, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        color, shape, chars = self.proj(features.float()).split(self.sizes, dim=-1)
+        return (F.cross_entropy(color.flatten(0, 1), targets["color"].flatten())
+                + F.cross_entropy(shape.flatten(0, 1), targets["shape"].flatten())
+                + F.binary_cross_entropy_with_logits(chars, targets["chars"]) * len(CODE_ALPHABET))
+
+
+class TurnEncoder:
+    """Token ids and labels of multi-turn sequences (prompt ids cached per question)."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self._cache: dict[str, list[int]] = {}
+
+    def ids(self, text: str) -> list[int]:
+        if text not in self._cache:
+            self._cache[text] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return self._cache[text]
+
+    def encode(self, turns) -> tuple[list[int], list[int]]:
+        ids, labels = [], []
+        for question, answer in turns:
+            prompt = self.ids(testbed_prompt(question))
+            reply = self.ids(answer) + [self.eos]
+            ids += prompt + reply
+            labels += [IGNORE] * len(prompt) + reply
+        return ids, labels
+
+    def batch(self, conversations_) -> tuple[torch.Tensor, torch.Tensor]:
+        """Right-padded ``(ids, labels)``, (batch, T); padding is EOS with label IGNORE."""
+        encoded = [self.encode(turns) for turns in conversations_]
+        T = max(len(i) for i, _ in encoded)
+        ids = torch.full((len(encoded), T), self.eos, dtype=torch.long)
+        labels = torch.full((len(encoded), T), IGNORE, dtype=torch.long)
+        for row, (i, l) in enumerate(encoded):
+            ids[row, :len(i)] = torch.tensor(i)
+            labels[row, :len(l)] = torch.tensor(l)
+        return ids, labels
+
+
+def answer_loss(model, visual: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of the labelled text tokens of ``[visual][ids]``; ``visual`` are the projected patch
+    embeddings (:meth:`MambaVLM.embed_visual`). Right padding needs no mask: the model is causal."""
+    embeds = torch.cat([visual, model.lm.backbone.embedding(ids)], dim=1)
+    logits = model.lm(inputs_embeds=embeds, return_all_logits=True).logits
+    nv = visual.shape[1]
+    pred = logits[:, nv - 1:-1, : model.lm.config.vocab_size]     # position p predicts token p + 1
+    return F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
+
+
+def lr_at(step: int, s: TrainSettings) -> float:
+    if step < s.warmup:
+        return s.lr * (step + 1) / s.warmup
+    t = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
+    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def family_subset(samples, per_family: int | None):
+    """The first ``per_family`` samples of each family (all when None)."""
+    if per_family is None:
+        return list(samples)
+    seen: Counter = Counter()
+    out = []
+    for s in samples:
+        if seen[s.group] < per_family:
+            out.append(s)
+            seen[s.group] += 1
+    return out
+
+
+def evaluate_families(model, samples, batch_size: int = 32, progress: bool | str = False) -> dict[str, float]:
+    """``{family: accuracy}`` (the family metric's accuracy, a fraction) of the model on ``samples``."""
+    model.eval()
+    predictions = answer_samples(model, samples, batch_size=batch_size, progress=progress)
+    scores = score_samples(samples, predictions)
+    return {g.split(":", 1)[1]: v["accuracy"] for g, v in sorted(scores.items())}
+
+
+def plot_curves(log_path, out_path) -> None:
+    """Training loss and per-family validation accuracy against the step, from ``train_log.jsonl``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in Path(log_path).read_text().splitlines() if line.strip()]
+    evals = [r for r in rows if "val" in r]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    ax1.plot([r["step"] for r in rows], [r["loss"] for r in rows], lw=1)
+    ax1.set(xlabel="step", ylabel="training loss (answer tokens)", yscale="log", title="loss")
+    for fam in FAMILIES:
+        pts = [(r["step"], 100 * r["val"][fam]) for r in evals if fam in r["val"]]
+        if pts:
+            ax2.plot(*zip(*pts), marker=".", label=fam)
+    ax2.set(xlabel="step", ylabel="validation accuracy (%)", ylim=(0, 100), title="validation accuracy")
+    ax2.legend(loc="lower right")
+    ax2.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out_path, dpi=110)
+    plt.close(fig)
+
+
+def train(s: TrainSettings, log=print) -> dict:
+    """Run (or resume) a training run; returns the final ``info`` dict saved with the model."""
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    out = Path(s.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_convs = conversations(s.data, "train")
+    if not train_convs:
+        raise ValueError(f"no training questions under {s.data}")
+    val = family_subset(load_dataset("synthvqa", s.data, "val"), s.eval_per_family)
+    ckpt_path = out / "last.pt"
+    resume = torch.load(ckpt_path, map_location="cpu", weights_only=False) if ckpt_path.is_file() else None
+
+    if resume is not None:
+        from .models.vlm import load_tokenizer
+        tokenizer = load_tokenizer(out / "tokenizer")
+    else:
+        texts = [testbed_prompt(q) + a for _, turns in train_convs for q, a in turns]
+        tokenizer = build_tokenizer(texts, vocab_size=s.model.vocab_size)
+        tokenizer.save_pretrained(str(out / "tokenizer"))
+    torch.manual_seed(s.seed)
+    model = build_testbed(s.model, tokenizer)
+    init_mamba_(model.lm, s.seed)
+    aux = AuxHead(model.vision.dim)
+    scene_file = json.loads((Path(s.data) / "scenes" / "train.json").read_text())
+    scenes = {sc["image_id"]: sc for sc in scene_file["scenes"]}
+    named = list(model.named_parameters()) + list(aux.named_parameters(prefix="aux"))
+    decay = [p for n, p in named if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named if not (p.dim() >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.98))
+    step, elapsed = 0, 0.0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        aux.load_state_dict(resume["aux"])
+        opt.load_state_dict(resume["optimizer"])
+        step, elapsed = resume["step"], resume["elapsed"]
+        log(f"resumed from {ckpt_path} at step {step}")
+    encoder = TurnEncoder(tokenizer)
+    log_path = out / "train_log.jsonl"
+    if resume is None and log_path.exists():
+        log_path.unlink()
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{len(train_convs)} training images, {len(val)} validation questions, {n_params / 1e6:.2f} M parameters")
+
+    def order_for(epoch: int) -> list[int]:
+        idx = list(range(len(train_convs)))
+        random.Random(s.seed * 1_000_003 + epoch).shuffle(idx)
+        return idx
+
+    t0 = time.perf_counter() - elapsed
+    running = []
+    while step < s.steps:
+        if s.max_minutes is not None and (time.perf_counter() - t0) / 60 > s.max_minutes:
+            log(f"time budget of {s.max_minutes} min reached at step {step}")
+            break
+        model.train()
+        per_epoch = len(train_convs) // s.batch_size
+        epoch, pos = divmod(step, per_epoch)
+        picked = [train_convs[i] for i in order_for(epoch)[pos * s.batch_size:(pos + 1) * s.batch_size]]
+        rng = random.Random(s.seed * 7919 + step)
+        turns = [rng.sample(t, len(t)) for _, t in picked]
+        pixels = model.vision.preprocess([p for p, _ in picked])
+        ids, labels = encoder.batch(turns)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, s)
+        features = model.vision(pixels)
+        visual = model.projector(features)
+        loss = answer_loss(model, visual, ids, labels)
+        targets = [patch_targets(scenes[int(Path(p).stem)], scene_file["image_size"], model.vision.image_size,
+                                 model.vision.patch_size) for p, _ in picked]
+        aux_loss = aux.loss(features, {k: torch.stack([t[k] for t in targets]) for k in targets[0]})
+        opt.zero_grad(set_to_none=True)
+        (loss + s.aux_weight * aux_loss).backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], s.grad_clip)
+        opt.step()
+        step += 1
+        running.append((loss.item(), aux_loss.item()))
+        if step % 10 == 0 or step == s.steps:
+            row = {"step": step, "loss": sum(r[0] for r in running) / len(running),
+                   "aux_loss": sum(r[1] for r in running) / len(running), "lr": lr_at(step - 1, s),
+                   "grad_norm": float(grad_norm), "elapsed_s": round(time.perf_counter() - t0, 1)}
+            running = []
+            if step % s.eval_every == 0 or step == s.steps:
+                row["val"] = evaluate_families(model, val)
+                torch.save({"model": model.state_dict(), "aux": aux.state_dict(), "optimizer": opt.state_dict(),
+                            "step": step,
+                            "elapsed": time.perf_counter() - t0}, ckpt_path)
+            with open(log_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+            log(json.dumps(row))
+
+    test = family_subset(load_dataset("synthvqa", s.data, "test"), s.test_per_family)
+    test_acc = evaluate_families(model, test, progress="test split")
+    info = {"settings": {k: v for k, v in asdict(s).items() if k not in ("data", "out", "model")},
+            "steps_done": step, "train_minutes": round((time.perf_counter() - t0) / 60, 1),
+            "train_images": len(train_convs), "test_questions_per_family": len(test) // len(FAMILIES),
+            "test_accuracy": test_acc, "parameters": n_params}
+    save_testbed(model, s.model, out, info=info)
+    plot_curves(log_path, out / "curves.png")
+    log(f"test accuracy: {json.dumps(test_acc)}")
+    return info
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    d = TrainSettings(data="", out="")
+    p.add_argument("--data", required=True, help="a SynthVQA folder written by `mambaprune synth`")
+    p.add_argument("--out", required=True, help="where the testbed folder (and last.pt, to resume) goes")
+    for name in ("steps", "batch_size", "warmup", "seed", "eval_every", "eval_per_family", "test_per_family",
+                 "threads"):
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
+    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "max_minutes"):
+        p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+
+
+def settings_from_args(args) -> TrainSettings:
+    fields = TrainSettings.__dataclass_fields__
+    return TrainSettings(**{k: v for k, v in vars(args).items() if k in fields and k != "model"})
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(prog="python -m mambaprune.train_testbed", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    train(settings_from_args(p.parse_args(argv)), log=lambda m: print(m, flush=True))
+
+
+if __name__ == "__main__":
+    main()

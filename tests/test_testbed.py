@@ -1,0 +1,220 @@
+"""The testbed model: its file format, its tokenizer, its training script, and the shipped weights."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mambaprune.data.readers import Sample, load_dataset
+from mambaprune.data.synthvqa import FAMILIES, SynthConfig, generate_synthvqa
+from mambaprune.eval.evaluate import answer_samples, score_samples
+from mambaprune.models import load_model
+from mambaprune.models.checkpoints import CheckpointError
+from mambaprune.models.testbed import TESTBED_DIR, build_testbed, build_tokenizer, load_testbed
+from mambaprune.models.testbed import TestbedConfig as Config          # aliased: pytest collects test*
+from mambaprune.models.testbed import read_testbed_config, save_testbed
+from mambaprune.models.testbed import testbed_prompt as prompt
+from mambaprune.train_testbed import (IGNORE, TrainSettings, TurnEncoder, answer_loss, conversations,
+                                      init_mamba_, lr_at, train)
+
+TINY = Config(image_size=32, patch_size=8, vision_width=16, vision_layers=1, vision_heads=2, vision_mlp=32,
+                     projector_hidden=32, d_model=16, n_layer=2, d_state=4, vocab_size=320)
+CORPUS = [prompt(q) + a for q, a in [("What color is the triangle?", "red"),
+                                              ("What does the sign say?", "K7M"),
+                                              ("How many circles are there?", "3"),
+                                              ("Is there a red circle in the image?", "yes"),
+                                              ("The red circle is left of the blue square.", "false")]] * 5
+
+
+@pytest.fixture(scope="module")
+def synth_small(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthvqa(root, SynthConfig(per_family=6, train_multiplier=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(CORPUS, vocab_size=TINY.vocab_size)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tokenizer):
+    torch.manual_seed(0)
+    model = build_testbed(TINY, tokenizer)
+    init_mamba_(model.lm, seed=0)
+    return model.eval()
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+def test_tokenizer_spells_codes_one_character_per_token(tokenizer):
+    for code in ("K7M", "ZZ9", "A2B"):
+        pieces = tokenizer.tokenize(code)
+        assert pieces == list(code)
+    text = prompt("What does the sign say?") + "K7M<|endoftext|>"
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tokenizer.decode(ids) == text
+    for special in ("<|endoftext|>", "<|user|>", "<|assistant|>"):
+        assert len(tokenizer(special, add_special_tokens=False)["input_ids"]) == 1
+    assert tokenizer.convert_tokens_to_ids("<|endoftext|>") == 0
+
+
+# ------------------------------------------------------------------------------------------------ file format
+def test_save_and_load_round_trip(tiny_model, tmp_path, synth_small):
+    save_testbed(tiny_model, TINY, tmp_path, info={"note": "tiny"})
+    assert not any("lm_head" in k for k in _keys(tmp_path))          # tied head not stored
+    loaded = load_model("testbed", tmp_path)
+    config, info = read_testbed_config(tmp_path)
+    assert config == TINY and info == {"note": "tiny"}
+    image = synth_small / "images" / "3000000.png"
+    a = tiny_model.prepare(image, "How many circles are there?")
+    b = loaded.prepare(image, "How many circles are there?")
+    assert torch.equal(a.inputs_embeds, b.inputs_embeds)
+    assert torch.equal(tiny_model.prefill(a).logits, loaded.prefill(b).logits)
+
+
+def _keys(folder):
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return list(f.keys())
+
+
+def test_broken_testbed_folders_raise_checkpoint_error(tiny_model, tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_testbed(tmp_path / "missing")
+    save_testbed(tiny_model, TINY, tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "version": 99}))
+    with pytest.raises(CheckpointError, match="version 99"):
+        load_testbed(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({**raw, "format": "other"}))
+    with pytest.raises(CheckpointError, match="not a mambaprune-testbed config"):
+        load_testbed(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(str(tmp_path / "model.safetensors"))
+    state.pop("lm.backbone.norm_f.weight")
+    save_file(state, str(tmp_path / "model.safetensors"))
+    with pytest.raises(CheckpointError, match="norm_f"):
+        load_testbed(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_init_mamba_draws_delta_in_range(tiny_model):
+    for layer in tiny_model.lm.backbone.layers:
+        dt = F.softplus(layer.mixer.dt_proj.bias)
+        assert float(dt.min()) >= 1e-3 * 0.999 and float(dt.max()) <= 0.1 * 1.001
+        assert torch.equal(layer.mixer.D, torch.ones_like(layer.mixer.D))
+
+
+def test_turn_encoder_labels_only_the_answers(tokenizer):
+    enc = TurnEncoder(tokenizer)
+    turns = [("What color is the triangle?", "red"), ("What does the sign say?", "K7M")]
+    ids, labels = enc.encode(turns)
+    assert len(ids) == len(labels)
+    assert tokenizer.decode(ids) == "".join(prompt(q) + a + "<|endoftext|>" for q, a in turns)
+    scored = [i for i, l in zip(ids, labels) if l != IGNORE]
+    assert scored == [i for i, l in zip(ids, labels) if l == i]
+    assert tokenizer.decode(scored) == "red<|endoftext|>K7M<|endoftext|>"
+    batch_ids, batch_labels = enc.batch([turns, turns[:1]])
+    assert batch_ids.shape == batch_labels.shape and batch_ids.shape[1] == len(ids)
+    assert (batch_labels[1, len(enc.encode(turns[:1])[0]):] == IGNORE).all()
+
+
+def test_answer_loss_equals_teacher_forced_cross_entropy(tiny_model, tokenizer, synth_small):
+    """One turn: the loss equals -log p(answer tokens, EOS | [visual][prompt]) computed through prepare()."""
+    image = synth_small / "images" / "3000001.png"
+    question, answer = "What does the sign say?", "K7M"
+    enc = TurnEncoder(tokenizer)
+    ids, labels = enc.batch([[(question, answer)]])
+    pixels = tiny_model.vision.preprocess(image)
+    with torch.no_grad():
+        loss = answer_loss(tiny_model, tiny_model.embed_visual(pixels), ids, labels)
+        prepared = tiny_model.prepare(image, question)
+        reply = tokenizer(answer, add_special_tokens=False)["input_ids"] + [enc.eos]
+        embeds = torch.cat([prepared.inputs_embeds,
+                            tiny_model.lm.backbone.embedding(torch.tensor([reply[:-1]]))], dim=1)
+        logits = tiny_model.lm(inputs_embeds=embeds, return_all_logits=True).logits[0]
+        vocab = tiny_model.lm.config.vocab_size
+        logp = torch.log_softmax(logits[-len(reply):, :vocab].float(), -1)
+        expected = -logp[torch.arange(len(reply)), torch.tensor(reply)].mean()
+    assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_learning_rate_schedule():
+    s = TrainSettings(data="", out="", steps=110, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, s) == pytest.approx(0.1) and lr_at(9, s) == pytest.approx(1.0)
+    assert lr_at(10, s) == pytest.approx(1.0)
+    assert lr_at(60, s) == pytest.approx(0.1 + 0.9 * 0.5)
+    assert lr_at(110, s) == pytest.approx(0.1) and lr_at(500, s) == pytest.approx(0.1)
+
+
+def test_training_runs_resumes_and_writes_a_loadable_testbed(synth_small, tmp_path):
+    convs = conversations(synth_small, "train")
+    assert len(convs) == 6 and all(len(t) == len(FAMILIES) for _, t in convs)
+    s = TrainSettings(data=str(synth_small), out=str(tmp_path), steps=2, batch_size=2, warmup=1, eval_every=10,
+                      eval_per_family=2, test_per_family=2, model=TINY)
+    info = train(s, log=lambda m: None)
+    assert info["steps_done"] == 2 and set(info["test_accuracy"]) == set(FAMILIES)
+    rows = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] and set(rows[0]["val"]) == set(FAMILIES)
+    assert (tmp_path / "curves.png").stat().st_size > 0 and (tmp_path / "last.pt").is_file()
+    first = load_testbed(tmp_path)
+    # resuming with a larger step budget continues from step 2, with the saved tokenizer
+    train(TrainSettings(**{**s.__dict__, "steps": 4}), log=lambda m: None)
+    rows = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    second = load_testbed(tmp_path)
+    assert second.tokenizer.get_vocab() == first.tokenizer.get_vocab()
+    assert not torch.equal(first.lm.backbone.embedding.weight, second.lm.backbone.embedding.weight)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+def test_score_samples_per_group():
+    samples = [Sample("a", None, "q", ["red"], "exact_match", "g:attr"),
+               Sample("b", None, "q", ["blue"], "exact_match", "g:attr"),
+               Sample("c", None, "q", ["yes"], "pope", "g:exist"),
+               Sample("d", None, "q", ["no"], "pope", "g:exist"),
+               Sample("e", None, "q", ["3"] * 10, "vqa_accuracy", "g:count")]
+    scores = score_samples(samples, ["Red", "green", "yes", "yes", "three"])
+    assert scores["g:attr"] == {"accuracy": 0.5, "n": 2}
+    assert scores["g:exist"]["accuracy"] == 0.5 and scores["g:exist"]["precision"] == 0.5
+    assert scores["g:exist"]["recall"] == 1.0 and scores["g:exist"]["yes_ratio"] == 1.0
+    assert scores["g:count"]["accuracy"] == 1.0
+    with pytest.raises(ValueError, match="2 predictions for 5"):
+        score_samples(samples, ["a", "b"])
+
+
+# ------------------------------------------------------------------------------------------------ shipped model
+shipped = pytest.mark.skipif(not (TESTBED_DIR / "model.safetensors").is_file(), reason="testbed not trained yet")
+
+#: chance level of each family's metric on SynthVQA (attr: 6 colours / 5 shapes / 2 sizes; count: 1..5)
+CHANCE = {"attr": 0.25, "exist": 0.5, "read": 0.0, "count": 0.2, "spatial": 0.5}
+
+
+@shipped
+def test_shipped_testbed_loads_by_name_and_has_the_promised_shape():
+    model = load_model("testbed")
+    config, info = read_testbed_config(TESTBED_DIR)
+    assert model.vision.num_tokens >= 100 and model.lm.config.n_layer >= 16
+    assert (TESTBED_DIR / "model.safetensors").stat().st_size <= 40 * 2 ** 20
+    assert set(info["test_accuracy"]) == set(FAMILIES)
+    assert not model.training
+
+
+@shipped
+def test_shipped_testbed_is_well_above_chance_on_every_family(synth_small):
+    """24 unseen test questions per family (the first images of the default test split)."""
+    model = load_model("testbed")
+    root = synth_small.parent / "synth_test24"
+    generate_synthvqa(root, SynthConfig(per_family=24, train_multiplier=1))
+    samples = load_dataset("synthvqa", root, "test")
+    scores = score_samples(samples, answer_samples(model, samples, batch_size=30))
+    for family in FAMILIES:
+        acc = scores[f"synthvqa:{family}"]["accuracy"]
+        assert acc >= CHANCE[family] + 0.3, (family, acc)
