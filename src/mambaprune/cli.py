@@ -1,6 +1,10 @@
-"""The ``mambaprune`` command: ``bench`` (the engine, or with ``--pruning`` the methods) and ``synth``.
+"""The ``mambaprune`` command.
 
-More sub-commands arrive with their issues."""
+Sub-commands: ``demo`` (the paper's experiments on the shipped testbed), ``eval`` (one model x method x dataset run,
+resumable, ``torchrun``-shardable), ``table`` (runs -> the paper's Tables 1 and 3 and keep-ratio sweeps),
+``calibrate`` (DTP's Std curve and layers), ``analyze`` (the figures for one sample), ``flops`` (the LM cost of
+pruning settings, the paper's presets included), ``synth`` (write SynthVQA), ``train-testbed``, ``bench``.
+"""
 from __future__ import annotations
 
 import argparse
@@ -70,6 +74,153 @@ def _train_testbed(args) -> int:
     return 0
 
 
+def _key_values(pairs, what: str) -> dict:
+    from .eval.runner import parse_value
+
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise SystemExit(f"mambaprune: {what} must look like key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def _load(args):
+    from .models import load_model
+    from .workflows import to_device
+
+    return to_device(load_model(args.model, **_key_values(args.model_arg, "--model-arg")), args.device, args.dtype)
+
+
+def _flops(args) -> int:
+    from .flops import match_flops
+    from .workflows import PAPER_SETTINGS, PRESETS, ModelShape, flops_rows, format_flops_rows
+
+    if args.preset:
+        shape = PRESETS[args.preset]
+        unit, unit_name = 1e12, "T"
+    else:
+        model = _load(args)
+        prompt = model.prepare(args.image, args.question) if args.image else None
+        n_text = len(prompt.text_ids[0]) if prompt is not None else args.n_text
+        shape = ModelShape(model.lm.config, model.vision.num_tokens, n_text)
+        unit, unit_name = 1e9, "G"
+    params = _key_values(args.param, "--param")
+    if args.method is None:
+        settings = PAPER_SETTINGS if args.preset else [("Baseline", "none", {})]
+    else:
+        if args.target is not None:
+            value, _ = match_flops(args.method, args.target, shape.config, shape.n_visual, shape.n_text,
+                                   param=args.match, **params)
+            params[args.match or ("keep_ratio" if isinstance(value, float) else "layer")] = value
+        label = args.method + "(" + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                              for k, v in params.items()) + ")"
+        settings = [("Baseline", "none", {}), (label, args.method, params)]
+    print(f"{shape.n_visual} visual + {shape.n_text} text tokens, {shape.config.n_layer} layers, "
+          f"d_model {shape.config.d_model}; FLOPs = LM multiply-adds (the DTP paper's convention)")
+    print(format_flops_rows(flops_rows(shape, settings), unit, unit_name))
+    return 0
+
+
+def _calibrate(args) -> int:
+    from .data.readers import load_dataset
+    from .workflows import calibrate
+
+    samples = load_dataset(args.data, args.data_root, args.split)
+    if not samples:
+        raise SystemExit(f"mambaprune: no samples in {args.data} ({args.split}) under {args.data_root}")
+    step = max(1, len(samples) // args.samples)
+    result = calibrate(_load(args), samples[::step][:args.samples], args.out, signal=args.signal)
+    std = ", ".join(f"{v:.4f}" for v in result["std"])
+    print(f"Std per layer ({result['signal']}, {result['n_samples']} samples): {std}")
+    print(f"early_layer = {result['early_layer']}, late_layer = {result['late_layer']}  (Eq. 8-9)")
+    print(f"use: --method dtp --param early_layer={result['early_layer']} --param late_layer={result['late_layer']}")
+    if args.out:
+        print(f"written {args.out}/calibration.json and {args.out}/std_curve.png")
+    return 0
+
+
+def _analyze(args) -> int:
+    from .data.readers import load_dataset
+    from .workflows import analysis_figures
+
+    samples = load_dataset(args.data, args.data_root, args.split)
+    if not 0 <= args.index < len(samples):
+        raise SystemExit(f"mambaprune: --index {args.index} is outside the {len(samples)} samples")
+    paths = analysis_figures(_load(args), samples[args.index], args.out, method=args.method,
+                             params=_key_values(args.param, "--param"))
+    for name, path in paths.items():
+        print(f"{name}: {path}")
+    return 0
+
+
+def _eval(args) -> int:
+    from .eval.runner import config_from_args, run_eval
+
+    try:
+        config = config_from_args(args)
+        summary = run_eval(config, progress=not args.no_progress)
+    except ValueError as e:
+        raise SystemExit(f"mambaprune eval: {e}") from None
+    if summary is not None:
+        acc = ", ".join(f"{g} {v:.1f}" if v is not None else f"{g} -" for g, v in summary["accuracy"].items())
+        print(f"{summary['label']}: {summary['n_samples']} samples ({summary['n_errors']} errors)\n"
+              f"accuracy (%): {acc}; average {summary['average']:.2f}\n"
+              f"FLOPs {summary['flops']:.4g} (ratio {summary['flops_ratio']:.3f}); prefill "
+              f"{summary['prefill_ms_mean']:.2f} ms, decode {summary['decode_ms_per_token_mean']:.2f} ms/token, "
+              f"method {summary['method_ms_mean']:.3f} ms; total {summary['total_s']:.1f} s\n"
+              f"written {config.out}/summary.json and samples.jsonl")
+    return 0
+
+
+def _table(args) -> int:
+    from .eval import report
+
+    try:
+        runs = report.load_runs(args.runs)
+        if args.kind != "sweep" and not args.no_merge:
+            runs = report.merge_runs(runs)
+        if args.kind == "accuracy":
+            table = report.accuracy_table(runs, flops_unit=args.flops_unit, levels=args.levels, title=args.title)
+        elif args.kind == "efficiency":
+            table = report.efficiency_table(runs, flops_unit=args.flops_unit, title=args.title)
+        else:
+            table = report.sweep_table(runs, param=args.param, title=args.title)
+    except ValueError as e:
+        raise SystemExit(f"mambaprune table: {e}") from None
+    print(table.to_markdown())
+    if args.out:
+        paths = table.save(args.out)
+        print("\nwritten " + ", ".join(str(p) for p in paths))
+    if args.plot:
+        if args.kind != "sweep":
+            raise SystemExit("mambaprune table: --plot draws the keep-ratio curve; use it with --kind sweep")
+        print(f"written {report.plot_sweep(runs, args.plot, param=args.param)}")
+    return 0
+
+
+def _demo(args) -> int:
+    from .demo import run_demo
+
+    run_demo(args.out, per_family=args.per_family, calib_samples=args.calib_samples, sweep=not args.no_sweep)
+    return 0
+
+
+def _model_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="testbed", help="a registered model name (default: testbed)")
+    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="an argument of the model's loader (repeatable), e.g. run_dir=/path/cobra+3b")
+    p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the loader puts it)")
+    p.add_argument("--dtype", default=None, help="e.g. bfloat16, float16, float32")
+
+
+def _data_arguments(p: argparse.ArgumentParser, split: str | None) -> None:
+    p.add_argument("--data", required=True, help="dataset name, e.g. synthvqa, synthvqa:read, gqa, pope:random")
+    p.add_argument("--data-root", required=True, help="the dataset's folder")
+    p.add_argument("--split", default=split, help=f"split (default: {split or 'the dataset default'})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mambaprune", description="Training-free visual token pruning for Mamba MLLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -96,6 +247,66 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train-testbed", help="train the testbed model on a SynthVQA folder (CPU, resumable)")
     add_arguments(t)
     t.set_defaults(func=_train_testbed)
+
+    from .eval.runner import add_eval_arguments
+
+    e = sub.add_parser("eval", help="one model x method x dataset run: samples.jsonl + summary.json (resumable; "
+                                    "shards under torchrun)")
+    add_eval_arguments(e)
+    e.add_argument("--no-progress", action="store_true", help="no progress bar")
+    e.set_defaults(func=_eval)
+
+    tb = sub.add_parser("table", help="assemble run folders into the paper's Table 1 / Table 3 / keep-ratio sweep")
+    tb.add_argument("runs", nargs="+", help="run folders, summary.json files, or folders holding run folders")
+    tb.add_argument("--kind", choices=["accuracy", "efficiency", "sweep"], default="accuracy",
+                    help="accuracy: Table 1 layout; efficiency: Table 3; sweep: accuracy vs a parameter (Fig. 11)")
+    tb.add_argument("--levels", type=float, nargs="*", default=None,
+                    help="group rows by FLOPs level, e.g. --levels 0.7 0.5 (Table 1's two blocks)")
+    tb.add_argument("--flops-unit", type=float, default=1e9, help="FLOPs column unit (1e9: G, 1e12: T as the paper)")
+    tb.add_argument("--param", default="keep_ratio", help="the swept parameter (--kind sweep)")
+    tb.add_argument("--title", default=None)
+    tb.add_argument("--no-merge", action="store_true",
+                    help="one row per run folder (default: runs of one setting on several benchmarks form one row)")
+    tb.add_argument("--out", default=None, help="also write OUT.md, OUT.csv and OUT.tex")
+    tb.add_argument("--plot", default=None, help="with --kind sweep: draw the curve to this PNG")
+    tb.set_defaults(func=_table)
+
+    d = sub.add_parser("demo", help="the paper's tables and figures on the shipped testbed and SynthVQA")
+    d.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    d.add_argument("--per-family", type=int, default=30, help="test questions per family (default 30)")
+    d.add_argument("--calib-samples", type=int, default=16, help="DTP calibration questions (default 16)")
+    d.add_argument("--no-sweep", action="store_true", help="skip the keep-ratio sweep (Figure 11)")
+    d.set_defaults(func=_demo)
+
+    f = sub.add_parser("flops", help="LM FLOPs of pruning settings (multiply-adds, the DTP paper's convention)")
+    f.add_argument("--preset", choices=["cobra", "robomamba"], default=None,
+                   help="a released model's shape (no weights needed); without --method: the paper's Table 1 rows")
+    _model_arguments(f)
+    f.add_argument("--method", default=None, help="a pruning method (see `mambaprune eval --help`)")
+    f.add_argument("--param", action="append", metavar="KEY=VALUE", help="a method parameter (repeatable)")
+    f.add_argument("--target", type=float, default=None, help="find the parameter value giving this FLOPs ratio")
+    f.add_argument("--match", default=None, help="which parameter --target varies (default keep_ratio, else layer)")
+    f.add_argument("--n-text", type=int, default=20, help="text tokens per prompt for --model (default 20)")
+    f.add_argument("--image", default=None, help="with --question: count the text tokens of this prompt")
+    f.add_argument("--question", default="What is in the image?")
+    f.set_defaults(func=_flops)
+
+    c = sub.add_parser("calibrate", help="DTP's Std curve (Eq. 7) and early/late layers (Eq. 8-9) for a model")
+    _model_arguments(c)
+    _data_arguments(c, None)
+    c.add_argument("--samples", type=int, default=50, help="calibration samples (default 50, as the paper)")
+    c.add_argument("--signal", default="delta", choices=["delta", "B", "C", "y"])
+    c.add_argument("--out", default=None, help="folder for calibration.json and std_curve.png")
+    c.set_defaults(func=_calibrate)
+
+    a = sub.add_parser("analyze", help="importance scatter, implicit attention and kept tokens for one sample")
+    _model_arguments(a)
+    _data_arguments(a, None)
+    a.add_argument("--index", type=int, default=0, help="which sample (default 0)")
+    a.add_argument("--method", default="dtp")
+    a.add_argument("--param", action="append", metavar="KEY=VALUE")
+    a.add_argument("--out", required=True, help="folder for the figures")
+    a.set_defaults(func=_analyze)
     return p
 
 

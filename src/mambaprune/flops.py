@@ -1,6 +1,8 @@
 """Theoretical cost of a Mamba LM, counted from per-layer token counts, under one stated convention.
 
-Convention (multiply-adds, "MACs"; FLOPs = 2 x MACs where this project prints FLOPs):
+Convention: multiply-adds ("MACs"). The DTP paper prints these multiply-adds under the name "FLOPs" (2.01 for
+Cobra), and so do this project's tables and ``summary.json`` (``flops``); multiply by 2 for FLOPs in the strict
+sense (one multiply + one add each, DOP's convention).
 
 * per token and layer: in_proj ``2*d_model*d_inner``, depthwise conv ``d_conv*d_inner``,
   x_proj ``d_inner*(dt_rank + 2*d_state)``, dt_proj ``dt_rank*d_inner``, out_proj ``d_inner*d_model``;

@@ -1,11 +1,14 @@
 """Train the testbed (:mod:`mambaprune.models.testbed`) from scratch on SynthVQA, on a CPU.
 
-What one training step sees: ``batch_size`` training images, each with its five questions (one per family) as a
-multi-turn Zephyr conversation in a random order, ``[196 visual tokens][turn][turn]...``, where a turn is
+What one training step sees: ``batch_size`` training images, each with its five questions (one per family) plus
+``extra_per_family`` more per family drawn from the image's scene description in the same templates
+(:func:`~mambaprune.data.synthvqa.extra_questions`; read has one question per image), as a multi-turn Zephyr
+conversation in a random order, ``[196 visual tokens][turn][turn]...``, where a turn is
 ``testbed_prompt(question) + answer + <|endoftext|>``. The loss is the cross-entropy of the answer tokens and
 their closing ``<|endoftext|>`` (prompts are not scored), as in LLaVA-style instruction tuning; one image's
-visual prefix serves all five questions, which makes a step about four times cheaper than five single-turn
-sequences. Evaluation is single-turn, exactly as the harness asks.
+visual prefix serves all its questions, which makes a step several times cheaper than single-turn sequences.
+A linear per-patch read-out of the vision features (:class:`AuxHead`: colour and shape of the object centred in
+the patch, code characters centred in it; weight ``aux_weight``) is trained alongside and thrown away. Evaluation is single-turn, exactly as the harness asks.
 
 Everything is trained jointly (tower, projector, LM) with AdamW, linear warm-up then cosine decay, gradient
 clipping, fp32. Every ``eval_every`` steps the model answers ``eval_per_family`` validation questions per family
@@ -33,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data.readers import load_dataset
-from .data.synthvqa import CODE_ALPHABET, COLORS, FAMILIES, GLYPH_H, GLYPH_W, SHAPES
+from .data.synthvqa import CODE_ALPHABET, COLORS, FAMILIES, GLYPH_H, GLYPH_W, SHAPES, extra_questions
 from .eval.evaluate import answer_samples, score_samples
 from .models.testbed import (TestbedConfig, build_testbed, build_tokenizer, save_testbed, testbed_prompt)
 
@@ -54,6 +57,7 @@ class TrainSettings:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     aux_weight: float = 0.5
+    extra_per_family: int = 2
     seed: int = 0
     eval_every: int = 100
     eval_per_family: int = 60
@@ -315,7 +319,11 @@ def train(s: TrainSettings, log=print) -> dict:
         epoch, pos = divmod(step, per_epoch)
         picked = [train_convs[i] for i in order_for(epoch)[pos * s.batch_size:(pos + 1) * s.batch_size]]
         rng = random.Random(s.seed * 7919 + step)
-        turns = [rng.sample(t, len(t)) for _, t in picked]
+        turns = []
+        for path, base in picked:
+            extra = extra_questions(scenes[int(Path(path).stem)], rng, s.extra_per_family)
+            both = list(base) + [(q, a) for _, q, a in extra]
+            turns.append(rng.sample(both, len(both)))
         pixels = model.vision.preprocess([p for p, _ in picked])
         ids, labels = encoder.batch(turns)
         for group in opt.param_groups:
@@ -363,7 +371,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a SynthVQA folder written by `mambaprune synth`")
     p.add_argument("--out", required=True, help="where the testbed folder (and last.pt, to resume) goes")
     for name in ("steps", "batch_size", "warmup", "seed", "eval_every", "eval_per_family", "test_per_family",
-                 "threads"):
+                 "threads", "extra_per_family"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "max_minutes"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))

@@ -79,6 +79,7 @@ __all__ = [
     "SPLITS",
     "SynthConfig",
     "answer_question",
+    "extra_questions",
     "code_mask",
     "family_files",
     "generate_synthvqa",
@@ -528,6 +529,34 @@ def _balanced_plan(rng: random.Random, n: int) -> tuple[list[int], list[tuple[st
     for seq in (counts, exist, spatial):
         rng.shuffle(seq)
     return counts, exist, spatial
+
+
+def extra_questions(scene: dict, rng: random.Random, per_family: int = 2) -> list[tuple[str, str, str]]:
+    """More questions about a scene in the families' own templates, for training: ``[(family, question,
+    answer)]`` with up to ``per_family`` each of attr, exist (half present, half absent categories), count (kinds
+    present in the scene) and spatial (one true, one false caption per pair drawn); ``read`` has one question per
+    image and gets none. Answers are in the form the data files hold (``answer_question`` gives the same)."""
+    objects = scene["objects"]
+    out = []
+    attr = [q for qs in _attr_candidates(objects).values() for q in qs]
+    for q in rng.sample(attr, min(per_family, len(attr))):
+        out.append(("attr", q["question"], q["answer"]))
+    cats = _categories(scene)
+    absent = [c for c in CATEGORIES if c not in cats]
+    n_yes = min(len(cats), (per_family + 1) // 2)
+    for c in rng.sample(cats, n_yes) + rng.sample(absent, min(len(absent), per_family - n_yes)):
+        out.append(("exist", f"Is there {_article(c)} {c} in the image?", "yes" if c in cats else "no"))
+    for _ in range(per_family):
+        obj = rng.choice(objects)
+        by = rng.choice(("shape", "color", "both"))
+        target = {"by": by, **{k: obj[k] for k in ("shape", "color") if by in (k, "both")}}
+        out.append(("count", _count_question(target), str(sum(_is_target(o, target) for o in objects))))
+    for label in [True, False] * ((per_family + 1) // 2):
+        captions = _spatial_candidates(objects, label)
+        if captions:
+            subj, rel, obj_name = rng.choice(captions)
+            out.append(("spatial", f"The {subj} is {rel} the {obj_name}.", "true" if label else "false"))
+    return out
 
 
 # --- writing --------------------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Callable, Collection
 
@@ -236,6 +237,13 @@ class MambaBackbone(nn.Module):
         self.norm_f = RMSNorm(config.d_model, config.rms_norm_eps)
 
 
+def _synchronizer(device) -> Callable[[], None]:
+    """A no-argument function that waits for ``device``'s queued work (CUDA), or does nothing (CPU)."""
+    if device is not None and device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
 @dataclass
 class MambaOutput:
     """Result of :meth:`MambaLM.forward`.
@@ -405,13 +413,20 @@ class MambaLM(nn.Module):
     def generate(self, input_ids=None, *, inputs_embeds=None, attention_mask=None, is_visual=None,
                  hook: Hook | None = None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | None = -1,
-                 pad_token_id: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                 pad_token_id: int | None = None, generator: torch.Generator | None = None,
+                 timings: dict | None = None) -> torch.Tensor:
         """Prefill (with whatever cutting ``hook`` does), then one-token steps from the per-layer states.
 
         Greedy by default; ``do_sample`` with ``temperature`` and nucleus ``top_p``. A sample stops at
         ``eos_token_id`` (default: the config's; None never stops) and everything stops after
         ``max_new_tokens``. Returns the new tokens (batch, n) including the EOS, with ``pad_token_id``
         (default: EOS or 0) after a sample has stopped.
+
+        ``timings``: a dict to fill with ``prefill_s`` (seconds of the prefill forward, the hook included),
+        ``decode_s`` (a list: seconds of each :meth:`step` call, so ``len(decode_s)`` steps were run),
+        ``tokens_per_layer`` (the prefill's, see :class:`MambaOutput`) and ``method_s`` (the hook's
+        ``method_seconds`` after the prefill, 0.0 for a hook without one). Timers are ``time.perf_counter``;
+        on CUDA tensors the device is synchronised before each timer is read.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -419,8 +434,20 @@ class MambaLM(nn.Module):
             raise ValueError(f"top_p must be in (0, 1], got {top_p}")
         eos = self.config.eos_token_id if eos_token_id == -1 else eos_token_id
         pad = pad_token_id if pad_token_id is not None else (eos if eos is not None else 0)
+        timed = timings is not None
+        if timed:
+            ref = inputs_embeds if inputs_embeds is not None else input_ids
+            sync = _synchronizer(ref.device if isinstance(ref, torch.Tensor) else None)
+            sync()
+            t0 = time.perf_counter()
         out = self.forward(input_ids, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                            is_visual=is_visual, hook=hook, use_cache=True)
+        if timed:
+            sync()
+            timings["prefill_s"] = time.perf_counter() - t0
+            timings["decode_s"] = []
+            timings["tokens_per_layer"] = list(out.tokens_per_layer)
+            timings["method_s"] = float(getattr(hook, "method_seconds", 0.0) or 0.0)
         token = self._next_token(out.logits, do_sample, temperature, top_p, generator)
         done = torch.zeros_like(token, dtype=torch.bool)
         tokens = []
@@ -431,7 +458,13 @@ class MambaLM(nn.Module):
                 done = done | (token == eos)
             if bool(done.all()) or i == max_new_tokens - 1:
                 break
+            if timed:
+                sync()
+                t0 = time.perf_counter()
             logits = self.step(token, out.cache)
+            if timed:
+                sync()
+                timings["decode_s"].append(time.perf_counter() - t0)
             token = self._next_token(logits, do_sample, temperature, top_p, generator)
         return torch.stack(tokens, dim=1)
 

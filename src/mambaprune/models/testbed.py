@@ -193,3 +193,16 @@ def load_testbed(folder=None, *, dtype: torch.dtype | None = None, device=None) 
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
     return model
+
+
+def describe_testbed(folder=None, *, dtype: torch.dtype | None = None, device=None) -> dict:
+    """What :func:`load_testbed` with the same arguments would build, read from ``config.json`` alone (no
+    weights): ``n_layer``, ``d_model`` and ``num_visual`` (``(image_size // patch_size) ** 2``). The evaluation
+    runner checks a pruning method's layers against it before loading anything."""
+    folder = Path(folder) if folder is not None else TESTBED_DIR
+    config, _ = read_testbed_config(folder)
+    return {"n_layer": config.n_layer, "d_model": config.d_model,
+            "num_visual": (config.image_size // config.patch_size) ** 2}
+
+
+load_testbed.describe = describe_testbed

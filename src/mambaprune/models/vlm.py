@@ -204,16 +204,25 @@ class MambaVLM(nn.Module):
         return merged
 
     @torch.no_grad()
-    def generate(self, images, questions, pruner=None, **options) -> torch.Tensor:
+    def generate(self, images, questions, pruner=None, timings: dict | None = None, **options) -> torch.Tensor:
         """New token ids (batch, n) for ``images`` and ``questions`` (as :meth:`prepare`), prefilled with
         ``pruner`` as the hook; decoding per the spec's defaults, overridden by ``options``
-        (:attr:`GENERATION_OPTIONS`). Each row ends with EOS, then EOS padding, unless the budget ran out."""
+        (:attr:`GENERATION_OPTIONS`). Each row ends with EOS, then EOS padding, unless the budget ran out.
+        ``timings``: a dict filled as :meth:`MambaLM.generate` describes (prefill and step times; the vision
+        tower and the projector are not timed)."""
         opts = self._options(options)
-        prepared = self.prepare(images, questions)
+        return self.generate_prepared(self.prepare(images, questions), pruner=pruner, timings=timings, **opts)
+
+    @torch.no_grad()
+    def generate_prepared(self, prepared: PreparedInputs, pruner=None, timings: dict | None = None,
+                          **options) -> torch.Tensor:
+        """:meth:`generate` on inputs already built by :meth:`prepare` (so their preparation can be handled,
+        or timed, apart)."""
+        opts = self._options(options)
         eos = opts["eos_token_id"]
         return self.lm.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
                                 is_visual=prepared.is_visual, hook=pruner,
-                                pad_token_id=eos if eos is not None else 0, **opts)
+                                pad_token_id=eos if eos is not None else 0, timings=timings, **opts)
 
     def decode(self, token_ids: torch.Tensor, eos_token_id: int | None = -1) -> list[str]:
         """Text of each row up to its first EOS (default: the spec's), special tokens skipped, stripped."""
@@ -225,10 +234,12 @@ class MambaVLM(nn.Module):
             texts.append(self.tokenizer.decode(row, skip_special_tokens=True).strip())
         return texts
 
-    def answer(self, image, question, pruner=None, **options):
-        """The answer string to ``question`` about ``image`` (a list of strings for lists), see :meth:`generate`."""
+    def answer(self, image, question, pruner=None, timings: dict | None = None, **options):
+        """The answer string to ``question`` about ``image`` (a list of strings for lists), see :meth:`generate`
+        (``timings`` included)."""
         eos = self._options(options)["eos_token_id"]
-        texts = self.decode(self.generate(image, question, pruner=pruner, **options), eos_token_id=eos)
+        texts = self.decode(self.generate(image, question, pruner=pruner, timings=timings, **options),
+                            eos_token_id=eos)
         return texts[0] if isinstance(question, str) else texts
 
 

@@ -1,0 +1,105 @@
+"""flops / calibrate / analyze: the work behind the CLI sub-commands, on a tiny random testbed-shaped model."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mambaprune.cli import main
+from mambaprune.data.readers import load_dataset
+from mambaprune.data.synthvqa import SynthConfig, generate_synthvqa
+from mambaprune.models.testbed import TestbedConfig as Config
+from mambaprune.models.testbed import build_testbed, build_tokenizer
+from mambaprune.models.testbed import testbed_prompt as prompt
+from mambaprune.pruning import build
+from mambaprune.pruning.base import num_to_keep
+from mambaprune.pruning.calibration import calibrate_dtp
+from mambaprune.train_testbed import init_mamba_
+from mambaprune.workflows import (PAPER_SETTINGS, PRESETS, analysis_figures, calibrate, flops_rows,
+                                  format_flops_rows, prepare_samples)
+
+SMALL = Config(image_size=64, patch_size=8, vision_width=16, vision_layers=1, vision_heads=2, vision_mlp=32,
+               projector_hidden=32, d_model=24, n_layer=8, d_state=4, vocab_size=320)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    generate_synthvqa(root, SynthConfig(per_family=3, train_multiplier=1))
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(data):
+    texts = [prompt(s.question) + s.answers[0] for s in load_dataset("synthvqa", data, "train")]
+    torch.manual_seed(0)
+    m = build_testbed(SMALL, build_tokenizer(texts, vocab_size=SMALL.vocab_size))
+    init_mamba_(m.lm, seed=1)
+    return m.eval()
+
+
+def test_paper_presets_reproduce_table_1_flops():
+    rows = {r["label"]: r for r in flops_rows(PRESETS["cobra"], PAPER_SETTINGS)}
+    assert round(rows["Baseline"]["macs"] / 1e12, 2) == 2.01
+    expected = {"FastV (k=2, r=0.7)": 71.7, "VTW (k=45)": 71.1, "DTP (r=0.9)": 66.7, "FastV (k=2, r=0.5)": 53.0,
+                "VTW (k=32)": 51.4, "DTP (r=0.5)": 49.2}
+    for label, pct in expected.items():
+        assert round(100 * rows[label]["ratio"], 1) == pct, label
+    table = format_flops_rows(list(rows.values()))
+    assert "| DTP (r=0.9) | 1.34 | 66.7% |" in table
+
+
+def test_flops_cli(capsys):
+    assert main(["flops", "--preset", "cobra"]) == 0
+    out = capsys.readouterr().out
+    assert "729 visual + 21 text tokens, 64 layers" in out and "| VTW (k=45) | 1.43 | 71.1% |" in out
+    assert main(["flops", "--preset", "cobra", "--method", "fastv", "--param", "layer=2", "--target", "0.5"]) == 0
+    out = capsys.readouterr().out
+    # the keep ratio closest to 50% of the FLOPs with FastV at layer 2
+    line = [l for l in out.splitlines() if l.startswith("| fastv(")][0]
+    assert "layer=2" in line and abs(float(line.split("|")[3].strip().rstrip("%")) - 50.0) < 0.2
+
+
+def test_calibrate_matches_calibrate_dtp_and_writes_its_files(model, data, tmp_path):
+    samples = load_dataset("synthvqa", data, "val")[:4]
+    result = calibrate(model, samples, tmp_path, progress=False)
+    direct = calibrate_dtp(model, prepare_samples(model, samples), progress=False)
+    assert result["std"] == direct.std_curve and (result["early_layer"], result["late_layer"]) == (
+        direct.early_layer, direct.late_layer)
+    assert 0 <= result["early_layer"] <= 2 and 6 <= result["late_layer"] <= 7      # Eq. 8-9 ranges, L = 8
+    saved = json.loads((tmp_path / "calibration.json").read_text())
+    assert saved["early_layer"] == result["early_layer"] and saved["n_samples"] == 4
+    assert (tmp_path / "std_curve.png").stat().st_size > 0
+    with pytest.raises(ValueError, match="at least one sample"):
+        calibrate(model, [], tmp_path)
+
+
+def test_analysis_figures_show_what_dtp_keeps(model, data, tmp_path):
+    sample = load_dataset("synthvqa", data, "test")[0]
+    params = {"keep_ratio": 0.25, "early_layer": 1, "late_layer": 6}
+    paths = analysis_figures(model, sample, tmp_path, method="dtp", params=params)
+    assert set(paths) == {"importance_scatter", "implicit_attention", "kept_tokens"}
+    for p in paths.values():
+        assert (tmp_path / p.split("/")[-1]).stat().st_size > 0
+    with pytest.raises(ValueError, match="late_layer"):
+        analysis_figures(model, sample, tmp_path, method="dtp", params={"early_layer": 5, "late_layer": 3})
+
+
+def test_kept_token_count_in_the_figure_title(model, data, tmp_path, monkeypatch):
+    """The kept-tokens panel draws exactly the visual tokens DTP lets into layer early + 1."""
+    import mambaprune.analysis.plots as plots
+
+    seen = {}
+
+    def fake(image, grid, kept, path, title=None, **kw):
+        seen["kept"], seen["grid"] = list(kept), grid
+        return None
+
+    monkeypatch.setattr(plots, "plot_kept_tokens", fake)
+    sample = load_dataset("synthvqa", data, "test")[1]
+    analysis_figures(model, sample, tmp_path, method="dtp",
+                     params={"keep_ratio": 0.25, "early_layer": 1, "late_layer": 6})
+    n_visual = model.vision.num_tokens
+    assert seen["grid"] == (8, 8) and len(seen["kept"]) == num_to_keep(n_visual, 0.25)
+    assert all(0 <= p < n_visual for p in seen["kept"]) and seen["kept"] == sorted(seen["kept"])
