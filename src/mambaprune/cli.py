@@ -3,7 +3,8 @@
 Sub-commands: ``demo`` (the paper's experiments on the shipped testbed), ``eval`` (one model x method x dataset run,
 resumable, ``torchrun``-shardable), ``table`` (runs -> the paper's Tables 1 and 3 and keep-ratio sweeps),
 ``calibrate`` (DTP's Std curve and layers), ``analyze`` (the figures for one sample), ``flops`` (the LM cost of
-pruning settings, the paper's presets included), ``synth`` (write SynthVQA), ``train-testbed``, ``bench``.
+pruning settings, the paper's presets included), ``plan`` (a budgeted policy search), ``synth`` (write SynthVQA),
+``train-testbed``, ``bench``.
 """
 from __future__ import annotations
 
@@ -270,6 +271,12 @@ def build_parser() -> argparse.ArgumentParser:
     tb.add_argument("--out", default=None, help="also write OUT.md, OUT.csv and OUT.tex")
     tb.add_argument("--plot", default=None, help="with --kind sweep: draw the curve to this PNG")
     tb.set_defaults(func=_table)
+
+    from .planner import add_plan_arguments, plan_command
+
+    pl = sub.add_parser("plan", help="the best DTP policy for a FLOPs budget (DOP's divergence search, Eq. 7-10)")
+    add_plan_arguments(pl)
+    pl.set_defaults(func=plan_command)
 
     d = sub.add_parser("demo", help="the paper's tables and figures on the shipped testbed and SynthVQA")
     d.add_argument("--out", default="demo_out", help="output folder (default demo_out)")

@@ -34,7 +34,8 @@ returns that summary (the other ranks read it back from the file). Apart from th
 device is given as ``cuda`` or not at all.
 
 Command line: ``python -m mambaprune.eval.runner --config cfg.json`` (a JSON or YAML file of
-:class:`EvalConfig` fields) or flags (:func:`add_eval_arguments`, :func:`config_from_args`).
+:class:`EvalConfig` fields) or flags (:func:`add_eval_arguments`, :func:`config_from_args`);
+``--policy policy.json`` runs a policy planned by ``mambaprune plan`` (:mod:`mambaprune.planner`).
 """
 from __future__ import annotations
 
@@ -55,7 +56,8 @@ import torch
 
 __all__ = [
     "EvalConfig", "RECORD_FIELDS", "SUMMARY_TIMING_FIELDS", "TIMING_FIELDS", "TIMING_PROTOCOL",
-    "add_eval_arguments", "config_from_args", "load_config_file", "main", "method_label", "parse_value",
+    "add_eval_arguments", "config_from_args", "load_config_file", "load_policy_file", "main", "method_label",
+    "parse_value",
     "read_records", "resolve_loader", "run_eval", "summarize_records", "validate",
 ]
 
@@ -782,6 +784,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--method", default=None, help="pruning method (default none)")
     a("--param", action="append", type=_key_value, default=None, metavar="KEY=VALUE",
       help="a parameter of the method (repeatable), e.g. --param keep_ratio=0.5")
+    a("--policy", default=None, metavar="FILE",
+      help="a policy JSON (`mambaprune plan --out`): its method and params; --method/--param override them")
     a("--data", default=None, help="dataset name, e.g. synthvqa, synthvqa:read, pope:adversarial")
     a("--data-root", default=None, help="the dataset's folder")
     a("--split", default=None, help="dataset split (default: the dataset's)")
@@ -815,10 +819,37 @@ def load_config_file(path) -> dict:
     return data
 
 
+def load_policy_file(path) -> tuple[str, dict]:
+    """``(method, params)`` of a policy JSON (``mambaprune plan --out``: an object with ``method`` and ``params``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"policy file not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:
+        raise ValueError(f"{path} is not a JSON policy ({e})") from None
+    if not isinstance(data, dict) or not isinstance(data.get("method"), str) \
+            or not isinstance(data.get("params", {}), dict):
+        raise ValueError(f"{path} must hold a JSON object with a 'method' string and a 'params' object")
+    return data["method"], dict(data.get("params") or {})
+
+
 def config_from_args(args: argparse.Namespace) -> EvalConfig:
-    """An :class:`EvalConfig` from parsed :func:`add_eval_arguments` flags over the ``--config`` file."""
+    """An :class:`EvalConfig` from parsed :func:`add_eval_arguments` flags over the ``--config`` file.
+
+    ``--policy FILE`` sets ``method`` and ``params`` from the policy (over the config file's); ``--param`` flags
+    are merged over the policy's params, and a ``--method`` other than the policy's makes the policy unused
+    (its params belong to its own method)."""
     settings = load_config_file(args.config) if getattr(args, "config", None) else {}
     settings = dict(settings)
+    policy = getattr(args, "policy", None)
+    if policy:
+        method, params = load_policy_file(policy)
+        if getattr(args, "method", None) in (None, method):
+            settings["method"], settings["params"] = method, params
+    new_method = getattr(args, "method", None)
+    if new_method is not None and new_method != settings.get("method", "none"):
+        settings.pop("params", None)              # the file's params belong to the file's method
     for name in ("model", "method", "data", "data_root", "split", "limit", "seed", "out", "batch_size",
                  "warmup", "max_new_tokens", "fatal_errors", "device", "dtype"):
         value = getattr(args, name, None)
