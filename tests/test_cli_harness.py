@@ -58,5 +58,6 @@ def test_eval_yaml_config_with_flag_override_then_table(data, tmp_path, capsys):
     assert "Baseline" in printed and "fastv(" in printed and (tmp_path / "t1.csv").is_file()
     assert main(["table", str(out_b), str(out_a), "--kind", "efficiency"]) == 0
     assert "Prefill" in capsys.readouterr().out
+    (tmp_path / "empty").mkdir()
     with pytest.raises(SystemExit, match="no summary.json"):
-        main(["table", str(tmp_path)])
+        main(["table", str(tmp_path / "empty")])

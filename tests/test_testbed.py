@@ -20,7 +20,7 @@ from mambaprune.models.testbed import testbed_prompt as prompt
 from mambaprune.train_testbed import (IGNORE, TrainSettings, TurnEncoder, answer_loss, conversations,
                                       init_mamba_, lr_at, train)
 
-TINY = Config(image_size=32, patch_size=8, vision_width=16, vision_layers=1, vision_heads=2, vision_mlp=32,
+TINY = Config(image_size=32, patch_size=8, vision_width=16, vision_layers=1,
                      projector_hidden=32, d_model=16, n_layer=2, d_state=4, vocab_size=320)
 CORPUS = [prompt(q) + a for q, a in [("What color is the triangle?", "red"),
                                               ("What does the sign say?", "K7M"),
@@ -218,3 +218,31 @@ def test_shipped_testbed_is_well_above_chance_on_every_family(synth_small):
     for family in FAMILIES:
         acc = scores[f"synthvqa:{family}"]["accuracy"]
         assert acc >= CHANCE[family] + 0.3, (family, acc)
+
+
+def test_conv_tower_tokens_and_pixels():
+    from PIL import Image
+
+    from mambaprune.models.testbed import ConvTower
+
+    torch.manual_seed(0)
+    tower = ConvTower(image_size=64, patch_size=16, width=32, depth=1).eval()
+    assert tower.grid == (4, 4) and tower.num_tokens == 16 and tower.dim == 32
+    gray = Image.new("RGB", (90, 50), (255, 0, 128))
+    pixels = tower.preprocess([gray, gray])
+    assert pixels.shape == (2, 3, 64, 64)
+    assert torch.allclose(pixels[0, :, 0, 0], torch.tensor([1.0, -1.0, 128 / 255 * 2 - 1]), atol=1e-6)
+    assert torch.allclose(tower.display(pixels)[0, :, 5, 5], torch.tensor([1.0, 0.0, 128 / 255]), atol=1e-6)
+    with torch.no_grad():
+        base = tower(pixels)
+        assert base.shape == (2, 16, 32)
+        # a change in the bottom-right corner reaches only the last tokens (receptive field < 1 patch away
+        # in the stem's last stride, a few pixels further through the blocks): token 0 is unchanged
+        edited = pixels.clone()
+        edited[:, :, 60:, 60:] = -1.0
+        out = tower(edited)
+    assert torch.equal(out[:, 0], base[:, 0]) and not torch.equal(out[:, 15], base[:, 15])
+    with pytest.raises(ValueError, match="power of 2"):
+        ConvTower(image_size=64, patch_size=12)
+    with pytest.raises(ValueError, match=r"\(batch, 3, 64, 64\)"):
+        tower(torch.zeros(1, 3, 32, 32))

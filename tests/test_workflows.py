@@ -19,7 +19,7 @@ from mambaprune.train_testbed import init_mamba_
 from mambaprune.workflows import (PAPER_SETTINGS, PRESETS, analysis_figures, calibrate, flops_rows,
                                   format_flops_rows, prepare_samples)
 
-SMALL = Config(image_size=64, patch_size=8, vision_width=16, vision_layers=1, vision_heads=2, vision_mlp=32,
+SMALL = Config(image_size=64, patch_size=8, vision_width=16, vision_layers=1,
                projector_hidden=32, d_model=24, n_layer=8, d_state=4, vocab_size=320)
 
 

@@ -6,9 +6,8 @@ the files in ``mambaprune/assets/testbed`` in well under a second.
 
 Architecture (Cobra's, scaled down; see :class:`TestbedConfig`):
 
-* **vision**: a transformers ``SiglipVisionModel`` (224 px, 16 px patches, so 14 x 14 = 196 patch tokens, 4
-  blocks of width 128) read at its last block (``feature_layer=-1``, where Cobra reads the second-to-last);
-  pixels are resized naively to 224 px and normalised with SigLIP's mean/std 0.5;
+* **vision**: :class:`ConvTower`, a small convolutional encoder (224 px, one token per 16 px patch, so 14 x 14 =
+  196 patch tokens of width 128); pixels resized naively to 224 px and normalised with mean/std 0.5;
 * **projector**: the fused GELU MLP of Cobra (:class:`~mambaprune.models.projector.MLPProjector`, keys
   ``0/2/4``);
 * **language model**: a :class:`~mambaprune.models.mamba_lm.MambaLM` with 16 layers of width 128 (d_state 16,
@@ -19,25 +18,28 @@ Architecture (Cobra's, scaled down; see :class:`TestbedConfig`):
   greedy decoding, at most 8 new tokens, stopping at ``<|endoftext|>``.
 
 Files of a testbed folder (what :func:`save_testbed` writes): ``config.json`` (the :class:`TestbedConfig`, the
-training settings and the measured test accuracy), ``model.safetensors`` (keys ``vision.*`` as transformers names
-the SigLIP vision model, ``projector.{0,2,4}.*``, ``lm.*`` as :class:`MambaLM` names them), ``tokenizer.json`` and
+training settings and the measured test accuracy), ``model.safetensors`` (keys ``vision.*`` of :class:`ConvTower`,
+``projector.{0,2,4}.*``, ``lm.*`` as :class:`MambaLM` names them), ``tokenizer.json`` and
 ``tokenizer_config.json``; next to them the training log (``train_log.jsonl``) and curves (``curves.png``).
 The training script is :mod:`mambaprune.train_testbed`.
 """
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
 from .checkpoints import CheckpointError, load_state_checked, read_json, read_state_file, split_prefixed
 from .cobra import zephyr_prompt
 from .mamba_lm import MambaConfig, MambaLM
 from .projector import MLPProjector
 from .registry import register_model
-from .vision import ViTTower, _transformers_class
+from .vision import as_image_list, image_to_tensor, load_image, resize_image
 from .vlm import MambaVLM, VLMSpec, load_tokenizer
 
 #: where the shipped testbed lives (inside the installed package)
@@ -62,9 +64,9 @@ class TestbedConfig:
     """Sizes of the testbed's three parts.
 
     Attributes:
-        image_size, patch_size: the SigLIP tower's input (grid = image_size // patch_size per side).
-        vision_width, vision_layers, vision_heads, vision_mlp: the tower's width, blocks, heads, MLP width.
-        feature_layer: which of the tower's hidden states feeds the projector (-1: the last block).
+        image_size, patch_size: the tower's input (grid = image_size // patch_size per side).
+        vision_width, vision_layers: the tower's token width and its stride-1 residual conv blocks
+            (:class:`ConvTower`).
         projector_hidden: hidden width of the GELU MLP projector.
         d_model, n_layer, d_state, expand: the Mamba LM's shape; ``vocab_size`` is the tokenizer's.
     """
@@ -72,10 +74,7 @@ class TestbedConfig:
     image_size: int = 224
     patch_size: int = 16
     vision_width: int = 128
-    vision_layers: int = 4
-    vision_heads: int = 4
-    vision_mlp: int = 512
-    feature_layer: int = -1
+    vision_layers: int = 2
     projector_hidden: int = 512
     d_model: int = 128
     n_layer: int = 16
@@ -83,11 +82,6 @@ class TestbedConfig:
     expand: int = 2
     vocab_size: int = 384
     extra: dict = field(default_factory=dict)
-
-    def vision_config(self) -> dict:
-        return dict(image_size=self.image_size, patch_size=self.patch_size, hidden_size=self.vision_width,
-                    num_hidden_layers=self.vision_layers, num_attention_heads=self.vision_heads,
-                    intermediate_size=self.vision_mlp, hidden_act="gelu", vision_use_head=False)
 
     def mamba_config(self, eos_token_id: int = 0) -> MambaConfig:
         return MambaConfig(d_model=self.d_model, n_layer=self.n_layer, d_state=self.d_state, expand=self.expand,
@@ -97,6 +91,90 @@ class TestbedConfig:
     def from_dict(cls, d: dict) -> "TestbedConfig":
         known = {k: v for k, v in d.items() if k in cls.__dataclass_fields__}
         return cls(**known)
+
+
+class ConvTower(nn.Module):
+    """The testbed's vision encoder: a small convolutional network giving one token per ``patch_size`` patch.
+
+    ``log2(patch_size)`` stride-2 3x3 convolutions (GELU) take 224 px to a 14 x 14 grid of ``width`` channels,
+    then ``depth`` stride-1 3x3 residual blocks widen each token's view, a learned position embedding is added
+    and the tokens are layer-normalised. Token ``i`` is patch ``(i // 14, i % 14)``, row-major, as for the ViT
+    towers (:class:`~mambaprune.models.vision.ViTTower` protocol: ``preprocess``, ``grid``, ``dim``,
+    ``num_tokens``, ``display``). Pixels: resized naively to ``image_size`` and normalised with mean/std 0.5.
+    (A ViT trained from scratch learned the shapes far too slowly for the CPU budget; a convolutional stem is
+    the usual remedy.)
+    """
+
+    MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+    def __init__(self, image_size: int = 224, patch_size: int = 16, width: int = 128, depth: int = 2):
+        super().__init__()
+        n_down = int(math.log2(patch_size))
+        if 2 ** n_down != patch_size or image_size % patch_size:
+            raise ValueError(f"patch_size must be a power of 2 dividing image_size, got {patch_size} / {image_size}")
+        self._image_size, self._patch_size = image_size, patch_size
+        chans = [3] + [max(16, width >> (n_down - 1 - k)) for k in range(n_down)]
+        self.stem = nn.ModuleList(nn.Conv2d(chans[k], chans[k + 1], 3, stride=2, padding=1) for k in range(n_down))
+        self.blocks = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(depth))
+        g = image_size // patch_size
+        self.position = nn.Parameter(torch.zeros(1, g * g, width))
+        self.norm = nn.LayerNorm(width)
+
+    @property
+    def image_size(self) -> int:
+        return self._image_size
+
+    @property
+    def patch_size(self) -> int:
+        return self._patch_size
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        g = self._image_size // self._patch_size
+        return g, g
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def dim(self) -> int:
+        return self.norm.normalized_shape[0]
+
+    def _stats(self):
+        return (torch.tensor(self.MEAN)[:, None, None], torch.tensor(self.STD)[:, None, None])
+
+    def check_pixels(self, pixels) -> torch.Tensor:
+        if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
+            raise ValueError(f"prepared pixels must be a float tensor, got {type(pixels).__name__}")
+        if pixels.dim() == 3:
+            pixels = pixels[None]
+        s = self._image_size
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s) or pixels.shape[0] == 0:
+            raise ValueError(f"prepared pixels must be (batch, 3, {s}, {s}), got {tuple(pixels.shape)}")
+        return pixels
+
+    def preprocess(self, images) -> torch.Tensor:
+        if isinstance(images, torch.Tensor):
+            return self.check_pixels(images)
+        mean, std = self._stats()
+        return torch.stack([(image_to_tensor(resize_image(load_image(im), self._image_size, "resize-naive")) - mean)
+                            / std for im in as_image_list(images)])
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        pixels = self.check_pixels(pixels)
+        param = self.position
+        x = pixels.to(device=param.device, dtype=param.dtype)
+        for conv in self.stem:
+            x = F.gelu(conv(x))
+        for conv in self.blocks:
+            x = x + F.gelu(conv(x))
+        x = x.flatten(2).transpose(1, 2) + self.position          # (batch, g*g, width), row-major patches
+        return self.norm(x)
+
+    def display(self, pixels: torch.Tensor) -> torch.Tensor:
+        mean, std = self._stats()
+        return (self.check_pixels(pixels).detach().float().cpu() * std + mean).clamp(0, 1)
 
 
 def build_tokenizer(texts, vocab_size: int = 384):
@@ -122,15 +200,13 @@ def build_tokenizer(texts, vocab_size: int = 384):
 
 
 def build_testbed(config: TestbedConfig, tokenizer) -> MambaVLM:
-    """A testbed :class:`MambaVLM` with freshly initialised weights (transformers' init for the tower, PyTorch's
-    for the projector, :class:`MambaLM`'s own for the LM; training re-initialises the LM, see
+    """A testbed :class:`MambaVLM` with freshly initialised weights (PyTorch's init for the tower and the
+    projector, :class:`MambaLM`'s own for the LM; training re-initialises the LM, see
     :func:`mambaprune.train_testbed.init_mamba_`)."""
     vocab = len(tokenizer)
     if vocab > config.vocab_size:
         raise ValueError(f"the tokenizer has {vocab} tokens, the config only {config.vocab_size}")
-    siglip_cfg = _transformers_class("SiglipVisionConfig")(**config.vision_config())
-    vision = ViTTower("siglip", _transformers_class("SiglipVisionModel")(siglip_cfg),
-                      feature_layer=config.feature_layer)
+    vision = ConvTower(config.image_size, config.patch_size, config.vision_width, config.vision_layers)
     projector = MLPProjector(config.vision_width, config.d_model, hidden_dim=config.projector_hidden)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     lm = MambaLM(config.mamba_config(eos_token_id=eos))
@@ -139,7 +215,7 @@ def build_testbed(config: TestbedConfig, tokenizer) -> MambaVLM:
 
 def testbed_state(model: MambaVLM) -> dict[str, torch.Tensor]:
     """The weights as saved: ``vision.*`` (SigLIP vision model names), ``projector.*``, ``lm.*``."""
-    parts = {"vision.": model.vision.model, "projector.": model.projector, "lm.": model.lm}
+    parts = {"vision.": model.vision, "projector.": model.projector, "lm.": model.lm}
     return {p + k: v.detach().cpu().contiguous() for p, m in parts.items() for k, v in m.state_dict().items()}
 
 
@@ -185,7 +261,7 @@ def load_testbed(folder=None, *, dtype: torch.dtype | None = None, device=None) 
     state = read_state_file(folder / "model.safetensors")
     source = str(folder / "model.safetensors")
     parts = split_prefixed(state, ("vision.", "projector.", "lm."), source)
-    load_state_checked(model.vision.model, parts["vision."], source)
+    load_state_checked(model.vision, parts["vision."], source)
     load_state_checked(model.projector, parts["projector."], source)
     load_state_checked(model.lm, parts["lm."], source, optional=("lm_head.weight",))
     model.info = info
