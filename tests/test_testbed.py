@@ -246,3 +246,13 @@ def test_conv_tower_tokens_and_pixels():
         ConvTower(image_size=64, patch_size=12)
     with pytest.raises(ValueError, match=r"\(batch, 3, 64, 64\)"):
         tower(torch.zeros(1, 3, 32, 32))
+
+
+@pytest.mark.skipif((TESTBED_DIR / "model.safetensors").is_file(), reason="a trained testbed is shipped")
+def test_missing_shipped_testbed_says_how_to_train_one():
+    with pytest.raises(CheckpointError, match="mambaprune train-testbed --data SYNTH --out DIR"):
+        load_model("testbed")
+    from mambaprune.models.testbed import describe_testbed
+
+    with pytest.raises(CheckpointError, match="no trained testbed is shipped"):
+        describe_testbed()

@@ -204,7 +204,13 @@ def _table(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    run_demo(args.out, per_family=args.per_family, calib_samples=args.calib_samples, sweep=not args.no_sweep)
+    from .models.checkpoints import CheckpointError
+
+    try:
+        run_demo(args.out, per_family=args.per_family, calib_samples=args.calib_samples, sweep=not args.no_sweep,
+                 model_name=args.model, model_args=_key_values(args.model_arg, "--model-arg"))
+    except CheckpointError as e:
+        raise SystemExit(f"mambaprune demo: {e}") from None
     return 0
 
 
@@ -283,6 +289,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--per-family", type=int, default=30, help="test questions per family (default 30)")
     d.add_argument("--calib-samples", type=int, default=16, help="DTP calibration questions (default 16)")
     d.add_argument("--no-sweep", action="store_true", help="skip the keep-ratio sweep (Figure 11)")
+    d.add_argument("--model", default="testbed", help="the model (default: the testbed)")
+    d.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+                   help="a loader argument, e.g. folder=DIR for a testbed trained with `mambaprune train-testbed`")
     d.set_defaults(func=_demo)
 
     f = sub.add_parser("flops", help="LM FLOPs of pruning settings (multiply-adds, the DTP paper's convention)")

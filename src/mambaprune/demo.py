@@ -72,10 +72,10 @@ def run_demo(out="demo_out", per_family: int = 30, calib_samples: int = 16, swee
     t0 = time.perf_counter()
     out = Path(out)
     data = out / "synthvqa"
+    model_args = dict(model_args or {})
+    model = resolve_loader(model_name)(**model_args).eval()      # first: a missing model fails at once
     log(f"[1/5] SynthVQA ({per_family} test questions per family) -> {data}")
     _synth(data, per_family)
-    model_args = dict(model_args or {})
-    model = resolve_loader(model_name)(**model_args).eval()
     test = load_dataset("synthvqa", data, "test")
     n_text = round(sum(len(model.prepare(s.image, s.question).text_ids[0]) for s in test[:20]) / min(20, len(test)))
 

@@ -154,8 +154,8 @@ def analysis_figures(model, sample, out_dir, method: str = "dtp", params: dict |
     if kept_layer is not None:
         kept = recorder.positions_by_layer[kept_layer][0]
         paths["kept_tokens"] = str(out_dir / "kept_tokens.png")
-        plot_kept_tokens(prepared.images[0], prepared.grid, kept, paths["kept_tokens"],
-                         title=f"{pruner!r}: {len(kept)}/{full} visual tokens enter layer {kept_layer + 1}")
+        plot_kept_tokens(prepared.images[0].permute(1, 2, 0).numpy(), prepared.grid, kept, paths["kept_tokens"],
+                         title=f"{method}: {len(kept)}/{full} visual tokens enter layer {kept_layer + 1}")
     return paths
 
 

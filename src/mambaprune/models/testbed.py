@@ -249,12 +249,23 @@ def read_testbed_config(folder) -> tuple[TestbedConfig, dict]:
     return TestbedConfig.from_dict(raw["config"]), raw.get("info") or {}
 
 
+def testbed_folder(folder=None) -> Path:
+    """``folder``, or the shipped testbed's; a :class:`CheckpointError` saying how to get one if it is missing."""
+    folder = Path(folder) if folder is not None else TESTBED_DIR
+    if folder == TESTBED_DIR and not (folder / "model.safetensors").is_file():
+        raise CheckpointError(
+            f"no trained testbed is shipped in {folder} yet; train one with `mambaprune synth --out SYNTH "
+            f"--per-family 2000` and `mambaprune train-testbed --data SYNTH --out DIR`, then load it with "
+            f"load_model('testbed', DIR) (on the command line: --model-arg folder=DIR)")
+    if not folder.is_dir():
+        raise CheckpointError(f"testbed folder not found: {folder}")
+    return folder
+
+
 @register_model("testbed")
 def load_testbed(folder=None, *, dtype: torch.dtype | None = None, device=None) -> MambaVLM:
     """The trained testbed (default: the copy shipped in the package), in eval mode."""
-    folder = Path(folder) if folder is not None else TESTBED_DIR
-    if not folder.is_dir():
-        raise CheckpointError(f"testbed folder not found: {folder}")
+    folder = testbed_folder(folder)
     config, info = read_testbed_config(folder)
     tokenizer = load_tokenizer(folder)
     model = build_testbed(config, tokenizer)
@@ -275,8 +286,7 @@ def describe_testbed(folder=None, *, dtype: torch.dtype | None = None, device=No
     """What :func:`load_testbed` with the same arguments would build, read from ``config.json`` alone (no
     weights): ``n_layer``, ``d_model`` and ``num_visual`` (``(image_size // patch_size) ** 2``). The evaluation
     runner checks a pruning method's layers against it before loading anything."""
-    folder = Path(folder) if folder is not None else TESTBED_DIR
-    config, _ = read_testbed_config(folder)
+    config, _ = read_testbed_config(testbed_folder(folder))
     return {"n_layer": config.n_layer, "d_model": config.d_model,
             "num_visual": (config.image_size // config.patch_size) ** 2}
 
