@@ -28,7 +28,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mambaprune.eval.runner import _key_value
+    from mambaprune.eval.runner import key_value
     from mambaprune.planner import DEFAULT_ALPHA, INTERACTIONS
 
     p = argparse.ArgumentParser(prog="planner_vs_dtp.py", description=__doc__.split("\n\n")[0])
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--per-family", type=int, default=30, help="questions per family when writing SynthVQA (default 30)")
     p.add_argument("--calib-samples", type=int, default=16, help="DTP Std-rule calibration questions (default 16)")
     p.add_argument("--model", default="testbed", help="model name or module.path:function (default testbed)")
-    p.add_argument("--model-arg", action="append", type=_key_value, default=None, metavar="KEY=VALUE")
+    p.add_argument("--model-arg", action="append", type=key_value, default=None, metavar="KEY=VALUE")
     p.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5], help="FLOPs levels (default 0.7 0.5)")
     p.add_argument("--points", type=int, default=6, help="sampled points per divergence curve (default 6)")
     p.add_argument("--interaction", choices=INTERACTIONS, default="additive")
@@ -50,11 +50,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _spread(samples, count):
-    step = max(1, len(samples) // max(1, count))
-    return samples[::step][:count]
-
-
 def main(argv=None) -> int:
     from mambaprune import planner as P
     from mambaprune.data.readers import load_dataset
@@ -63,7 +58,7 @@ def main(argv=None) -> int:
     from mambaprune.eval.report import accuracy_table, load_runs
     from mambaprune.eval.runner import EvalConfig, method_label, resolve_loader, run_eval
     from mambaprune.pruning.base import num_to_keep
-    from mambaprune.workflows import calibrate
+    from mambaprune.workflows import calibrate, spread
 
     args = build_parser().parse_args(argv)
     progress = not args.no_progress
@@ -77,7 +72,7 @@ def main(argv=None) -> int:
     L, N = model.lm.config.n_layer, model.vision.num_tokens
     val = load_dataset("synthvqa", root, "val")
     test = load_dataset("synthvqa", root, "test")
-    calib = P._prepared(model, _spread(val, args.samples))
+    calib = P._prepared(model, spread(val, args.samples))
 
     curves_path = out / "curves.json"
     if curves_path.is_file():
@@ -88,7 +83,7 @@ def main(argv=None) -> int:
         curves_path.parent.mkdir(parents=True, exist_ok=True)
         curves_path.write_text(json.dumps(curves.to_dict(), indent=1) + "\n")
     print(f"planner: {curves.runs} runs over {curves.n_samples} questions ({time.perf_counter() - t0:.0f} s so far)")
-    cal = calibrate(model, _spread(val, args.calib_samples), out / "calibration", progress=progress)
+    cal = calibrate(model, spread(val, args.calib_samples), out / "calibration", progress=progress)
     early, late = cal["early_layer"], cal["late_layer"]
     print(f"DTP Std rule: early layer {early}, late layer {late} (of {L})")
 

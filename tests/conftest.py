@@ -9,6 +9,17 @@ from mambaprune import MambaLM
 torch.set_num_threads(2)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a test module (``pytestmark = pytest.mark.usefixtures("one_thread")``): the
+    end-to-end runs on tiny models are several times slower with two threads on a busy 2-core machine, and the
+    processes torchrun starts run with one thread, so in-process reference runs do the same arithmetic."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
     """Re-draw every weight so that a random model is far from degenerate (varied greedy generations)."""
     g = torch.Generator().manual_seed(seed)

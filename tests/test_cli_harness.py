@@ -4,18 +4,12 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from mambaprune.cli import main
 from mambaprune.data.synthvqa import SynthConfig, generate_synthvqa
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

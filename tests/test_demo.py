@@ -4,19 +4,13 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from mambaprune.demo import BASELINES, BUDGETS, SWEEP, plan_runs, run_demo
 
 MODEL = "runner_fixture_model:load_tiny"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_plan_runs_matches_every_method_to_both_budgets():

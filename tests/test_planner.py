@@ -25,12 +25,7 @@ from mambaprune.pruning import build  # noqa: E402
 MODEL = "runner_fixture_model:load_tiny"
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def logits_of(probs):

@@ -43,14 +43,7 @@ class Killed(BaseException):
     """What a kill looks like to the runner: not an Exception, so nothing records or swallows it."""
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread here: on a busy 2-core machine two threads make this tiny model ~5x slower. The
-    torchrun children get the same count (so the same arithmetic as the in-process reference run)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -75,23 +75,10 @@ def _train_testbed(args) -> int:
     return 0
 
 
-def _key_values(pairs, what: str) -> dict:
-    from .eval.runner import parse_value
-
-    out = {}
-    for pair in pairs or []:
-        if "=" not in pair:
-            raise SystemExit(f"mambaprune: {what} must look like key=value, got {pair!r}")
-        key, value = pair.split("=", 1)
-        out[key.strip()] = parse_value(value.strip())
-    return out
-
-
 def _load(args):
-    from .models import load_model
-    from .workflows import to_device
+    from .eval.runner import load_named_model
 
-    return to_device(load_model(args.model, **_key_values(args.model_arg, "--model-arg")), args.device, args.dtype)
+    return load_named_model(args.model, dict(args.model_arg or []), args.device, args.dtype)
 
 
 def _flops(args) -> int:
@@ -107,7 +94,7 @@ def _flops(args) -> int:
         n_text = len(prompt.text_ids[0]) if prompt is not None else args.n_text
         shape = ModelShape(model.lm.config, model.vision.num_tokens, n_text)
         unit, unit_name = 1e9, "G"
-    params = _key_values(args.param, "--param")
+    params = dict(args.param or [])
     if args.method is None:
         settings = PAPER_SETTINGS if args.preset else [("Baseline", "none", {})]
     else:
@@ -126,13 +113,12 @@ def _flops(args) -> int:
 
 def _calibrate(args) -> int:
     from .data.readers import load_dataset
-    from .workflows import calibrate
+    from .workflows import calibrate, spread
 
     samples = load_dataset(args.data, args.data_root, args.split)
     if not samples:
         raise SystemExit(f"mambaprune: no samples in {args.data} ({args.split}) under {args.data_root}")
-    step = max(1, len(samples) // args.samples)
-    result = calibrate(_load(args), samples[::step][:args.samples], args.out, signal=args.signal)
+    result = calibrate(_load(args), spread(samples, args.samples), args.out, signal=args.signal)
     std = ", ".join(f"{v:.4f}" for v in result["std"])
     print(f"Std per layer ({result['signal']}, {result['n_samples']} samples): {std}")
     print(f"early_layer = {result['early_layer']}, late_layer = {result['late_layer']}  (Eq. 8-9)")
@@ -150,7 +136,7 @@ def _analyze(args) -> int:
     if not 0 <= args.index < len(samples):
         raise SystemExit(f"mambaprune: --index {args.index} is outside the {len(samples)} samples")
     paths = analysis_figures(_load(args), samples[args.index], args.out, method=args.method,
-                             params=_key_values(args.param, "--param"))
+                             params=dict(args.param or []))
     for name, path in paths.items():
         print(f"{name}: {path}")
     return 0
@@ -208,15 +194,17 @@ def _demo(args) -> int:
 
     try:
         run_demo(args.out, per_family=args.per_family, calib_samples=args.calib_samples, sweep=not args.no_sweep,
-                 model_name=args.model, model_args=_key_values(args.model_arg, "--model-arg"))
+                 model_name=args.model, model_args=dict(args.model_arg or []))
     except CheckpointError as e:
         raise SystemExit(f"mambaprune demo: {e}") from None
     return 0
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
+    from .eval.runner import key_value
+
     p.add_argument("--model", default="testbed", help="a registered model name (default: testbed)")
-    p.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+    p.add_argument("--model-arg", action="append", type=key_value, metavar="KEY=VALUE",
                    help="an argument of the model's loader (repeatable), e.g. run_dir=/path/cobra+3b")
     p.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the loader puts it)")
     p.add_argument("--dtype", default=None, help="e.g. bfloat16, float16, float32")
@@ -229,6 +217,8 @@ def _data_arguments(p: argparse.ArgumentParser, split: str | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .eval.runner import key_value
+
     p = argparse.ArgumentParser(prog="mambaprune", description="Training-free visual token pruning for Mamba MLLMs")
     sub = p.add_subparsers(dest="command", required=True)
     b = sub.add_parser("bench", help="engine speed: prefill vs transformers, chunked vs reference scan")
@@ -290,7 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--calib-samples", type=int, default=16, help="DTP calibration questions (default 16)")
     d.add_argument("--no-sweep", action="store_true", help="skip the keep-ratio sweep (Figure 11)")
     d.add_argument("--model", default="testbed", help="the model (default: the testbed)")
-    d.add_argument("--model-arg", action="append", metavar="KEY=VALUE",
+    d.add_argument("--model-arg", action="append", type=key_value, metavar="KEY=VALUE",
                    help="a loader argument, e.g. folder=DIR for a testbed trained with `mambaprune train-testbed`")
     d.set_defaults(func=_demo)
 
@@ -299,7 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a released model's shape (no weights needed); without --method: the paper's Table 1 rows")
     _model_arguments(f)
     f.add_argument("--method", default=None, help="a pruning method (see `mambaprune eval --help`)")
-    f.add_argument("--param", action="append", metavar="KEY=VALUE", help="a method parameter (repeatable)")
+    f.add_argument("--param", action="append", type=key_value, metavar="KEY=VALUE",
+                   help="a method parameter (repeatable)")
     f.add_argument("--target", type=float, default=None, help="find the parameter value giving this FLOPs ratio")
     f.add_argument("--match", default=None, help="which parameter --target varies (default keep_ratio, else layer)")
     f.add_argument("--n-text", type=int, default=20, help="text tokens per prompt for --model (default 20)")
@@ -320,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_arguments(a, None)
     a.add_argument("--index", type=int, default=0, help="which sample (default 0)")
     a.add_argument("--method", default="dtp")
-    a.add_argument("--param", action="append", metavar="KEY=VALUE")
+    a.add_argument("--param", action="append", type=key_value, metavar="KEY=VALUE")
     a.add_argument("--out", required=True, help="folder for the figures")
     a.set_defaults(func=_analyze)
     return p

@@ -23,7 +23,7 @@ from pathlib import Path
 from .data.readers import load_dataset
 from .data.synthvqa import SynthConfig, generate_synthvqa
 from .flops import match_flops
-from .workflows import analysis_figures, calibrate
+from .workflows import analysis_figures, calibrate, spread
 
 BUDGETS = (0.7, 0.5)
 #: baselines and the parameters held fixed while their budget parameter is matched
@@ -81,8 +81,7 @@ def run_demo(out="demo_out", per_family: int = 30, calib_samples: int = 16, swee
 
     log(f"[2/5] DTP calibration on {calib_samples} validation questions (Eq. 7-9)")
     val = load_dataset("synthvqa", data, "val")
-    step = max(1, len(val) // calib_samples)
-    cal = calibrate(model, val[::step][:calib_samples], out / "figures", progress=progress)
+    cal = calibrate(model, spread(val, calib_samples), out / "figures", progress=progress)
     early, late = cal["early_layer"], cal["late_layer"]
     log(f"      early layer {early}, late layer {late} (of {model.lm.config.n_layer})")
 

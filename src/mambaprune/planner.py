@@ -773,11 +773,11 @@ def check_additivity(model, samples, n_policies: int = 50, *, curves: Curves | N
 # ---------------------------------------------------------------------------------------------- command line
 def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of ``mambaprune plan``."""
-    from .eval.runner import _key_value
+    from .eval.runner import key_value
 
     a = parser.add_argument
     a("--model", default="testbed", help="registered model name or module.path:function (default: testbed)")
-    a("--model-arg", action="append", type=_key_value, default=None, metavar="KEY=VALUE",
+    a("--model-arg", action="append", type=key_value, default=None, metavar="KEY=VALUE",
       help="a keyword argument of the model's loader (repeatable)")
     a("--device", default=None, help="e.g. cuda, cpu (default: where the loader puts it)")
     a("--dtype", default=None, help="e.g. bfloat16, float16, float32")
@@ -818,6 +818,7 @@ def parse_number(text: str):
 
 def _calibration_samples(args) -> list:
     from .data.readers import load_dataset
+    from .workflows import spread
 
     if not args.data_root:
         raise ValueError("--data-root is needed to measure the divergences")
@@ -826,19 +827,15 @@ def _calibration_samples(args) -> list:
     samples = load_dataset(args.data, args.data_root, args.split)
     if not samples:
         raise ValueError(f"no samples in {args.data} ({args.split or 'default split'}) under {args.data_root}")
-    step = max(1, len(samples) // args.samples)
-    return samples[::step][:args.samples]
+    return spread(samples, args.samples)
 
 
 def plan_command(args: argparse.Namespace) -> int:
     """``mambaprune plan``: measure (or reuse) the divergences, plan, print, write ``--out``, optionally check."""
-    from .eval.runner import resolve_loader
-    from .workflows import to_device
+    from .eval.runner import load_named_model
 
     try:
-        torch.manual_seed(args.seed)
-        model = resolve_loader(args.model)(**dict(args.model_arg or [])).eval()
-        model = to_device(model, args.device, args.dtype)
+        model = load_named_model(args.model, dict(args.model_arg or []), args.device, args.dtype, args.seed)
         curves = None
         if args.curves:
             raw = json.loads(Path(args.curves).read_text(encoding="utf-8"))

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from .flops import expected_macs, lm_macs
 from .models.mamba_lm import MambaConfig
@@ -159,10 +158,7 @@ def analysis_figures(model, sample, out_dir, method: str = "dtp", params: dict |
     return paths
 
 
-def to_device(model, device: str | None, dtype: str | None):
-    """``model`` moved to ``device`` / ``dtype`` (names as torch spells them), if given."""
-    if dtype is not None:
-        model = model.to(getattr(torch, dtype))
-    if device is not None:
-        model = model.to(device)
-    return model
+def spread(samples: Sequence, n: int) -> list:
+    """``n`` samples evenly spread over ``samples`` (every ``len // n``-th from the first; all if fewer)."""
+    step = max(1, len(samples) // max(1, n))
+    return list(samples[::step][:n])

@@ -610,13 +610,23 @@ def _barrier(world: int) -> None:
         dist.barrier()
 
 
-def _load_model(config: EvalConfig, loader, device: torch.device):
-    torch.manual_seed(config.seed)
-    model = loader(**config.model_args)
-    model = model.to(device=device)
-    if config.dtype is not None:
-        model = model.to(dtype=_DTYPES[config.dtype])
+def load_named_model(name: str, model_args: dict | None = None, device=None, dtype: str | None = None,
+                     seed: int = 0):
+    """The model ``name`` (see :func:`resolve_loader`) built with ``model_args`` under ``seed``, moved to
+    ``device`` and ``dtype`` (one of :data:`_DTYPES`' names) when given, in eval mode."""
+    if dtype is not None and dtype not in _DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(_DTYPES)}")
+    torch.manual_seed(seed)
+    model = resolve_loader(name)(**(model_args or {}))
+    if device is not None:
+        model = model.to(device=device)
+    if dtype is not None:
+        model = model.to(dtype=_DTYPES[dtype])
     return model.eval()
+
+
+def _load_model(config: EvalConfig, device: torch.device):
+    return load_named_model(config.model, config.model_args, device, config.dtype, config.seed)
 
 
 def _read_state(path: Path) -> dict:
@@ -670,7 +680,7 @@ def run_eval(config: EvalConfig, progress: bool = True, model=None) -> dict | No
             if device.type == "cuda":
                 torch.cuda.set_device(device)
             if model is None:
-                model = _load_model(config, loader, device)
+                model = _load_model(config, device)
             else:
                 model = model.to(device=device).eval()
             if not callable(getattr(loader, "describe", None)):
@@ -766,7 +776,8 @@ def parse_value(text: str):
     return text
 
 
-def _key_value(text: str) -> tuple[str, object]:
+def key_value(text: str) -> tuple[str, object]:
+    """An argparse ``type``: ``key=value`` -> ``(key, parse_value(value))``."""
     key, sep, value = text.partition("=")
     if not sep or not key.strip():
         raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
@@ -779,10 +790,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a = parser.add_argument
     a("--config", default=None, metavar="FILE", help="a YAML or JSON file of settings (flags override it)")
     a("--model", default=None, help="registered model name or module.path:function")
-    a("--model-arg", action="append", type=_key_value, default=None, metavar="KEY=VALUE",
+    a("--model-arg", action="append", type=key_value, default=None, metavar="KEY=VALUE",
       help="a keyword argument of the model's loader (repeatable)")
     a("--method", default=None, help="pruning method (default none)")
-    a("--param", action="append", type=_key_value, default=None, metavar="KEY=VALUE",
+    a("--param", action="append", type=key_value, default=None, metavar="KEY=VALUE",
       help="a parameter of the method (repeatable), e.g. --param keep_ratio=0.5")
     a("--policy", default=None, metavar="FILE",
       help="a policy JSON (`mambaprune plan --out`): its method and params; --method/--param override them")

@@ -39,7 +39,7 @@ from .cobra import zephyr_prompt
 from .mamba_lm import MambaConfig, MambaLM
 from .projector import MLPProjector
 from .registry import register_model
-from .vision import as_image_list, image_to_tensor, load_image, resize_image
+from .vision import PixelTower
 from .vlm import MambaVLM, VLMSpec, load_tokenizer
 
 #: where the shipped testbed lives (inside the installed package)
@@ -93,7 +93,7 @@ class TestbedConfig:
         return cls(**known)
 
 
-class ConvTower(nn.Module):
+class ConvTower(PixelTower):
     """The testbed's vision encoder: a small convolutional network giving one token per ``patch_size`` patch.
 
     ``log2(patch_size)`` stride-2 3x3 convolutions (GELU) take 224 px to a 14 x 14 grid of ``width`` channels,
@@ -106,6 +106,7 @@ class ConvTower(nn.Module):
     """
 
     MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    resize = "resize-naive"
 
     def __init__(self, image_size: int = 224, patch_size: int = 16, width: int = 128, depth: int = 2):
         super().__init__()
@@ -141,25 +142,13 @@ class ConvTower(nn.Module):
     def dim(self) -> int:
         return self.norm.normalized_shape[0]
 
-    def _stats(self):
-        return (torch.tensor(self.MEAN)[:, None, None], torch.tensor(self.STD)[:, None, None])
+    @property
+    def pixel_stats(self):
+        return self.MEAN, self.STD
 
-    def check_pixels(self, pixels) -> torch.Tensor:
-        if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
-            raise ValueError(f"prepared pixels must be a float tensor, got {type(pixels).__name__}")
-        if pixels.dim() == 3:
-            pixels = pixels[None]
-        s = self._image_size
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s) or pixels.shape[0] == 0:
-            raise ValueError(f"prepared pixels must be (batch, 3, {s}, {s}), got {tuple(pixels.shape)}")
-        return pixels
-
-    def preprocess(self, images) -> torch.Tensor:
-        if isinstance(images, torch.Tensor):
-            return self.check_pixels(images)
-        mean, std = self._stats()
-        return torch.stack([(image_to_tensor(resize_image(load_image(im), self._image_size, "resize-naive")) - mean)
-                            / std for im in as_image_list(images)])
+    @property
+    def pixel_owner(self) -> str:
+        return "the testbed tower"
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         pixels = self.check_pixels(pixels)
@@ -171,10 +160,6 @@ class ConvTower(nn.Module):
             x = x + F.gelu(conv(x))
         x = x.flatten(2).transpose(1, 2) + self.position          # (batch, g*g, width), row-major patches
         return self.norm(x)
-
-    def display(self, pixels: torch.Tensor) -> torch.Tensor:
-        mean, std = self._stats()
-        return (self.check_pixels(pixels).detach().float().cpu() * std + mean).clamp(0, 1)
 
 
 def build_tokenizer(texts, vocab_size: int = 384):

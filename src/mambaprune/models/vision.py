@@ -176,7 +176,48 @@ class VisionTower(Protocol):
     def display(self, pixels) -> torch.Tensor: ...
 
 
-class ViTTower(nn.Module):
+class PixelTower(nn.Module):
+    """Pixel handling shared by the towers: subclasses give ``image_size``, ``resize`` (a strategy of
+    :data:`RESIZE_STRATEGIES`), ``pixel_stats`` (per-channel mean and std) and ``pixel_owner`` (for messages)."""
+
+    def _stats(self):
+        mean, std = self.pixel_stats
+        return (torch.tensor(mean, dtype=torch.float32)[:, None, None],
+                torch.tensor(std, dtype=torch.float32)[:, None, None])
+
+    def prepare_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(batch, 3, s, s) normalised pixels from RGB PIL images."""
+        mean, std = self._stats()
+        return torch.stack([(image_to_tensor(resize_image(im, self.image_size, self.resize)) - mean) / std
+                            for im in images])
+
+    def check_pixels(self, pixels) -> torch.Tensor:
+        """A prepared (3, s, s) or (batch, 3, s, s) float tensor, as (batch, 3, s, s)."""
+        if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
+            raise ValueError(f"prepared pixels for {self.pixel_owner} must be a float tensor, got "
+                             f"{type(pixels).__name__}")
+        if pixels.dim() == 3:
+            pixels = pixels[None]
+        s = self.image_size
+        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s) or pixels.shape[0] == 0:
+            raise ValueError(f"prepared pixels for {self.pixel_owner} must be (batch, 3, {s}, {s}), "
+                             f"got {tuple(pixels.shape)}")
+        return pixels
+
+    def preprocess(self, images) -> torch.Tensor:
+        """(batch, 3, s, s) normalised pixels from image(s) or paths; a prepared tensor is checked and returned."""
+        if isinstance(images, torch.Tensor):
+            return self.check_pixels(images)
+        return self.prepare_images([load_image(im) for im in as_image_list(images)])
+
+    def display(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels back to (batch, 3, s, s) in [0, 1]."""
+        mean, std = self._stats()
+        pixels = self.check_pixels(pixels).detach().float().cpu()
+        return (pixels * std + mean).clamp(0, 1)
+
+
+class ViTTower(PixelTower):
     """One transformers ViT giving the hidden states of block ``feature_layer`` without the prefix tokens.
 
     Args:
@@ -229,35 +270,13 @@ class ViTTower(nn.Module):
     def num_prefix_tokens(self) -> int:
         return num_prefix_tokens(self.kind, self.model.config)
 
-    def _stats(self):
-        mean = torch.tensor(self.info.mean, dtype=torch.float32)[:, None, None]
-        std = torch.tensor(self.info.std, dtype=torch.float32)[:, None, None]
-        return mean, std
+    @property
+    def pixel_stats(self) -> tuple[Sequence[float], Sequence[float]]:
+        return self.info.mean, self.info.std
 
-    def prepare_images(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """(batch, 3, s, s) normalised pixels from RGB PIL images."""
-        mean, std = self._stats()
-        return torch.stack([(image_to_tensor(resize_image(im, self.image_size, self.resize)) - mean) / std
-                            for im in images])
-
-    def check_pixels(self, pixels) -> torch.Tensor:
-        """A prepared (3, s, s) or (batch, 3, s, s) float tensor, as (batch, 3, s, s)."""
-        if not isinstance(pixels, torch.Tensor) or not pixels.is_floating_point():
-            raise ValueError(f"prepared pixels for the {self.kind} tower must be a float tensor, got "
-                             f"{type(pixels).__name__}")
-        if pixels.dim() == 3:
-            pixels = pixels[None]
-        s = self.image_size
-        if pixels.dim() != 4 or tuple(pixels.shape[1:]) != (3, s, s) or pixels.shape[0] == 0:
-            raise ValueError(f"prepared pixels for the {self.kind} tower must be (batch, 3, {s}, {s}), "
-                             f"got {tuple(pixels.shape)}")
-        return pixels
-
-    def preprocess(self, images) -> torch.Tensor:
-        """(batch, 3, s, s) normalised pixels from image(s) or paths; a prepared tensor is checked and returned."""
-        if isinstance(images, torch.Tensor):
-            return self.check_pixels(images)
-        return self.prepare_images([load_image(im) for im in as_image_list(images)])
+    @property
+    def pixel_owner(self) -> str:
+        return f"the {self.kind} tower"
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """(batch, num_tokens, dim): block ``feature_layer``'s hidden states of the patch tokens (row-major).
@@ -274,12 +293,6 @@ class ViTTower(nn.Module):
             raise ValueError(f"the {self.kind} tower gave {hidden.shape[1]} tokens, expected {expected} "
                              f"({self.num_prefix_tokens} prefix + {self.num_tokens} patches)")
         return hidden[:, self.num_prefix_tokens:]
-
-    def display(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Normalised pixels back to (batch, 3, s, s) in [0, 1]."""
-        mean, std = self._stats()
-        pixels = self.check_pixels(pixels).detach().float().cpu()
-        return (pixels * std + mean).clamp(0, 1)
 
 
 class FusedViTTower(nn.Module):
