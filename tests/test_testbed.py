@@ -17,8 +17,8 @@ from mambaprune.models.testbed import TESTBED_DIR, build_testbed, build_tokenize
 from mambaprune.models.testbed import TestbedConfig as Config          # aliased: pytest collects test*
 from mambaprune.models.testbed import read_testbed_config, save_testbed
 from mambaprune.models.testbed import testbed_prompt as prompt
-from mambaprune.train_testbed import (IGNORE, TrainSettings, TurnEncoder, answer_loss, conversations,
-                                      init_mamba_, lr_at, train)
+from mambaprune.train_testbed import (IGNORE, TrainSettings, TurnEncoder, answer_loss, answer_start_positions,
+                                      conversations, init_mamba_, lr_at, train)
 
 TINY = Config(image_size=32, patch_size=8, vision_width=16, vision_layers=1,
                      projector_hidden=32, d_model=16, n_layer=2, d_state=4, vocab_size=320)
@@ -105,11 +105,24 @@ def test_broken_testbed_folders_raise_checkpoint_error(tiny_model, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ training
-def test_init_mamba_draws_delta_in_range(tiny_model):
+def test_init_mamba_draws_delta_in_range(tiny_model, tokenizer):
     for layer in tiny_model.lm.backbone.layers:
         dt = F.softplus(layer.mixer.dt_proj.bias)
         assert float(dt.min()) >= 1e-3 * 0.999 and float(dt.max()) <= 0.1 * 1.001
         assert torch.equal(layer.mixer.D, torch.ones_like(layer.mixer.D))
+    # a_scale divides A; difference_conv makes a run of identical inputs write nothing into the state
+    lm = build_testbed(TINY, tokenizer).lm
+    init_mamba_(lm, 0, a_scale=8.0, difference_conv=True)
+    for layer in lm.backbone.layers:
+        A = -torch.exp(layer.mixer.A_log)
+        assert torch.allclose(A[0], -torch.arange(1, A.shape[1] + 1) / 8.0)
+        assert torch.equal(layer.mixer.conv1d.bias, torch.zeros_like(layer.mixer.conv1d.bias))
+    u = torch.randn(1, 1, TINY.d_model).expand(1, 12, -1)                # one token repeated 12 times
+    mixer = lm.backbone.layers[0].mixer
+    with torch.no_grad():
+        x, z = mixer.in_proj(u).chunk(2, dim=-1)
+        conv = mixer.conv1d(x.transpose(1, 2))[..., :12]
+    assert conv[..., 4:].abs().max() < 0.25 * conv[..., :1].abs().max()   # 10% noise left of the filter
 
 
 def test_turn_encoder_labels_only_the_answers(tokenizer):
@@ -144,6 +157,36 @@ def test_answer_loss_equals_teacher_forced_cross_entropy(tiny_model, tokenizer, 
         logp = torch.log_softmax(logits[-len(reply):, :vocab].float(), -1)
         expected = -logp[torch.arange(len(reply)), torch.tensor(reply)].mean()
     assert torch.allclose(loss, expected, atol=1e-5)
+
+
+def test_answer_start_positions_point_at_each_prompts_last_token(tokenizer):
+    labels = torch.tensor([[IGNORE, IGNORE, 7, 0, IGNORE, 9, 0],
+                           [IGNORE, 5, 0, IGNORE, IGNORE, IGNORE, IGNORE]])
+    rows, pos = answer_start_positions(labels, n_visual=10)
+    assert rows.tolist() == [0, 0, 1] and pos.tolist() == [11, 14, 10]
+    enc = TurnEncoder(tokenizer)
+    turns = [("What color is the triangle?", "red"), ("What does the sign say?", "K7M")]
+    ids, labels = enc.batch([turns])
+    rows, pos = answer_start_positions(labels, n_visual=3)
+    first_answer_tokens = [enc.ids(a)[0] for _, a in turns]
+    assert ids[0, pos - 3 + 1].tolist() == first_answer_tokens           # the next token opens the answer
+    assert [tokenizer.decode(i) for i in ids[0, pos - 3]] == ["\n", "\n"]   # each prompt's closing newline
+
+
+def test_answer_loss_taps_the_stream_after_a_layer(tiny_model, tokenizer, synth_small):
+    enc = TurnEncoder(tokenizer)
+    ids, labels = enc.batch([[("What does the sign say?", "K7M")]])
+    with torch.no_grad():
+        visual = tiny_model.embed_visual(tiny_model.vision.preprocess(synth_small / "images" / "3000001.png"))
+        loss, states = answer_loss(tiny_model, visual, ids, labels, state_layer=1)
+        assert torch.equal(loss, answer_loss(tiny_model, visual, ids, labels))
+        embeds = torch.cat([visual, tiny_model.lm.backbone.embedding(ids)], dim=1)
+        hidden, residual = embeds, None
+        for block in tiny_model.lm.backbone.layers[:2]:
+            hidden, residual, _ = block(hidden, residual)
+        expected = F.layer_norm(hidden + residual, (hidden.shape[-1],))
+    assert states.shape == (1, visual.shape[1] + ids.shape[1], tiny_model.lm.config.d_model)
+    assert torch.allclose(states, expected, atol=1e-5)
 
 
 def test_learning_rate_schedule():
@@ -242,6 +285,11 @@ def test_conv_tower_tokens_and_pixels():
         edited[:, :, 60:, 60:] = -1.0
         out = tower(edited)
     assert torch.equal(out[:, 0], base[:, 0]) and not torch.equal(out[:, 15], base[:, 15])
+    # with an attention block on top every token sees the whole image, as a ViT's do
+    mixing = ConvTower(image_size=64, patch_size=16, width=32, depth=1, attention_layers=1, heads=4).eval()
+    with torch.no_grad():
+        assert not torch.allclose(mixing(edited)[:, 0], mixing(pixels)[:, 0], atol=1e-6)
+    assert len(mixing.attention) == 1 and mixing.attention[0].self_attn.num_heads == 4
     with pytest.raises(ValueError, match="power of 2"):
         ConvTower(image_size=64, patch_size=12)
     with pytest.raises(ValueError, match=r"\(batch, 3, 64, 64\)"):

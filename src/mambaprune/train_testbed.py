@@ -3,14 +3,17 @@
 What one training step sees: ``batch_size`` training images, each with its five questions (one per family) plus
 ``extra_per_family`` more per family drawn from the image's scene description in the same templates
 (:func:`~mambaprune.data.synthvqa.extra_questions`; read has one question per image), as a multi-turn Zephyr
-conversation in a random order, ``[196 visual tokens][turn][turn]...``, where a turn is
+conversation in a random order, ``[100 visual tokens][turn][turn]...``, where a turn is
 ``testbed_prompt(question) + answer + <|endoftext|>``. The loss is the cross-entropy of the answer tokens and
 their closing ``<|endoftext|>`` (prompts are not scored), as in LLaVA-style instruction tuning; one image's
 visual prefix serves all its questions, which makes a step several times cheaper than single-turn sequences.
 Two linear read-outs are trained alongside and thrown away: one of the vision features per patch
 (:class:`AuxHead`: colour and shape of the object centred in the patch, code characters centred in it; weight
-``aux_weight``), and one of the language model's final states at the visual positions (:class:`MemoryHead`: what
-the scan has seen so far, :func:`memory_targets`; weight ``memory_weight``). A penalty keeps the visual
+``aux_weight``), and one of the language model's residual stream after layer ``memory_layer`` (:class:`MemoryHead`):
+at the visual positions it predicts what the scan has seen so far (:func:`memory_targets`, weight
+``memory_weight``), and at the position where each answer starts, the whole scene (weight
+``turn_memory_weight``), so the state must carry the image across the question and the earlier turns to where
+the answers are read (:func:`answer_start_positions`). A penalty keeps the visual
 embeddings' RMS near 1 (:func:`visual_rms_penalty`, weight ``visual_rms_weight``). Evaluation is single-turn, exactly as the harness asks.
 
 Everything is trained jointly (tower, projector, LM) with AdamW, linear warm-up then cosine decay, gradient
@@ -61,8 +64,11 @@ class TrainSettings:
     weight_decay: float = 0.05
     grad_clip: float = 1.0
     aux_weight: float = 0.5
-    memory_weight: float = 1.0
+    memory_weight: float = 0.0
+    turn_memory_weight: float = 1.0
+    memory_layer: int = 11
     a_init_scale: float = 64.0
+    difference_conv: bool = True
     visual_rms_weight: float = 0.1
     dt_min: float = 0.01
     dt_max: float = 0.5
@@ -76,7 +82,8 @@ class TrainSettings:
     model: TestbedConfig = field(default_factory=TestbedConfig)
 
 
-def init_mamba_(lm, seed: int, dt_min: float = 1e-3, dt_max: float = 0.1, a_scale: float = 1.0) -> None:
+def init_mamba_(lm, seed: int, dt_min: float = 1e-3, dt_max: float = 0.1, a_scale: float = 1.0,
+                difference_conv: bool = False) -> None:
     """Mamba's training initialisation (Gu & Dao 2023, Sec. 3.6 and their reference setup), redrawn here:
     embeddings N(0, 0.02); Linear layers PyTorch's default with zero biases; ``dt_proj.weight`` uniform in
     ``±dt_rank^-0.5``; ``dt_proj.bias`` the inverse softplus of Δ drawn log-uniformly in [dt_min, dt_max];
@@ -104,6 +111,14 @@ def init_mamba_(lm, seed: int, dt_min: float = 1e-3, dt_max: float = 0.1, a_scal
             w.uniform_(-bound, bound, generator=gen)
             if mixer.conv1d.bias is not None:
                 mixer.conv1d.bias.uniform_(-bound, bound, generator=gen)
+            if difference_conv:
+                # x_t = u_t - u_{t-1} (plus 10% of the random init), no bias: a run of identical tokens (empty
+                # background patches) writes nothing into the state, so the scan integrates content only
+                w.mul_(0.1)
+                w[..., -1] += 1.0
+                w[..., -2] -= 1.0
+                if mixer.conv1d.bias is not None:
+                    mixer.conv1d.bias.zero_()
             r = mixer.dt_proj.in_features
             mixer.dt_proj.weight.uniform_(-r ** -0.5, r ** -0.5, generator=gen)
             u = torch.rand(mixer.dt_proj.out_features, generator=gen)
@@ -219,19 +234,36 @@ class TurnEncoder:
 
 
 def answer_loss(model, visual: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
-                return_visual_states: bool = False):
+                state_layer: int | None = None):
     """Mean cross-entropy of the labelled text tokens of ``[visual][ids]``; ``visual`` are the projected patch
     embeddings (:meth:`MambaVLM.embed_visual`). Right padding needs no mask: the model is causal. With
-    ``return_visual_states`` also the final normalised hidden states of the visual positions."""
+    ``state_layer`` also the residual stream after that layer at every position, layer-normalised without
+    parameters, ``(batch, nv + T, d_model)``."""
     embeds = torch.cat([visual, model.lm.backbone.embedding(ids)], dim=1)
-    out = model.lm(inputs_embeds=embeds, return_all_logits=True)
+    tapped = []
+
+    def tap(seq):
+        if seq.layer == state_layer:
+            tapped.append(seq.stream())
+
+    out = model.lm(inputs_embeds=embeds, return_all_logits=True, hook=None if state_layer is None else tap)
     nv = visual.shape[1]
     pred = out.logits[:, nv - 1:-1, : model.lm.config.vocab_size]     # position p predicts token p + 1
     loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
-    if not return_visual_states:
+    if state_layer is None:
         return loss
-    states = model.lm.backbone.norm_f(out.sequence.stream()[:, :nv].to(model.lm.lm_head.weight.dtype))
-    return loss, states
+    return loss, F.layer_norm(tapped[0].float(), tapped[0].shape[-1:])
+
+
+def answer_start_positions(labels: torch.Tensor, n_visual: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rows, positions)`` of the sequence positions that predict the first answer token of each turn:
+    text token ``j`` opens an answer when it is labelled and token ``j - 1`` is not, and it is predicted at
+    position ``n_visual + j - 1`` of ``[visual][ids]`` (the prompt's last token)."""
+    labelled = labels != IGNORE
+    opens = labelled.clone()
+    opens[:, 1:] &= ~labelled[:, :-1]
+    rows, j = opens.nonzero(as_tuple=True)
+    return rows, n_visual + j - 1
 
 
 def memory_targets(scene: dict, scene_size: int, image_size: int, patch_size: int, code_slots: int = 3
@@ -372,7 +404,8 @@ def train(s: TrainSettings, log=print) -> dict:
         tokenizer.save_pretrained(str(out / "tokenizer"))
     torch.manual_seed(s.seed)
     model = build_testbed(s.model, tokenizer)
-    init_mamba_(model.lm, s.seed, dt_min=s.dt_min, dt_max=s.dt_max, a_scale=s.a_init_scale)
+    init_mamba_(model.lm, s.seed, dt_min=s.dt_min, dt_max=s.dt_max, a_scale=s.a_init_scale,
+                difference_conv=s.difference_conv)
     aux = AuxHead(model.vision.dim)
     memory = MemoryHead(model.lm.config.d_model)
     scene_file = json.loads((Path(s.data) / "scenes" / "train.json").read_text())
@@ -425,19 +458,27 @@ def train(s: TrainSettings, log=print) -> dict:
             group["lr"] = lr_at(step, s)
         features = model.vision(pixels)
         visual = model.projector(features)
-        loss, states = answer_loss(model, visual, ids, labels, return_visual_states=True)
+        tap = s.memory_layer % model.lm.config.n_layer
+        loss, states = answer_loss(model, visual, ids, labels, state_layer=tap)
+        nv = visual.shape[1]
         geometry = (scene_file["image_size"], model.vision.image_size, model.vision.patch_size)
         targets = [patch_targets(scenes[int(Path(p).stem)], *geometry) for p, _ in picked]
         aux_loss = aux.loss(features, {k: torch.stack([t[k] for t in targets]) for k in targets[0]})
-        mem = [memory_targets(scenes[int(Path(p).stem)], *geometry) for p, _ in picked]
-        mem_loss = memory.loss(states, {k: torch.stack([t[k] for t in mem]) for k in mem[0]})
+        mem_rows = [memory_targets(scenes[int(Path(p).stem)], *geometry) for p, _ in picked]
+        mem = {k: torch.stack([t[k] for t in mem_rows]) for k in mem_rows[0]}
+        mem_loss = s.memory_weight * memory.loss(states[:, :nv], mem) if s.memory_weight else 0.0
+        if s.turn_memory_weight:
+            # the whole scene, once more, where each answer starts: the state must carry it across the turns
+            rows, pos = answer_start_positions(labels, nv)
+            whole = {k: v[rows, -1].unsqueeze(0) for k, v in mem.items()}
+            mem_loss = mem_loss + s.turn_memory_weight * memory.loss(states[rows, pos].unsqueeze(0), whole)
         rms_loss = visual_rms_penalty(visual)
         opt.zero_grad(set_to_none=True)
-        (loss + s.aux_weight * aux_loss + s.memory_weight * mem_loss + s.visual_rms_weight * rms_loss).backward()
+        (loss + s.aux_weight * aux_loss + mem_loss + s.visual_rms_weight * rms_loss).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], s.grad_clip)
         opt.step()
         step += 1
-        running.append((loss.item(), aux_loss.item(), mem_loss.item()))
+        running.append((loss.item(), aux_loss.item(), mem_loss.item() if torch.is_tensor(mem_loss) else mem_loss))
         if step % 10 == 0 or step == s.steps:
             row = {"step": step, "loss": sum(r[0] for r in running) / len(running),
                    "aux_loss": sum(r[1] for r in running) / len(running),
@@ -448,7 +489,7 @@ def train(s: TrainSettings, log=print) -> dict:
                 row["val"] = evaluate_families(model, val)
                 torch.save({"model": model.state_dict(), "aux": aux.state_dict(), "memory": memory.state_dict(),
                             "optimizer": opt.state_dict(),
-                            "step": step,
+                            "step": step, "config": asdict(s.model),
                             "elapsed": time.perf_counter() - t0}, ckpt_path)
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -471,11 +512,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a SynthVQA folder written by `mambaprune synth`")
     p.add_argument("--out", required=True, help="where the testbed folder (and last.pt, to resume) goes")
     for name in ("steps", "batch_size", "warmup", "seed", "eval_every", "eval_per_family", "test_per_family",
-                 "threads", "extra_per_family"):
+                 "threads", "extra_per_family", "memory_layer"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
-    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "memory_weight", "a_init_scale",
+    for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "memory_weight",
+                 "turn_memory_weight", "a_init_scale",
                  "visual_rms_weight", "dt_min", "dt_max", "max_minutes"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
+    p.add_argument("--difference-conv", action=argparse.BooleanOptionalAction, default=d.difference_conv,
+                   help="initialise each conv1d as x_t = u_t - u_{t-1} (default: on)")
 
 
 def settings_from_args(args) -> TrainSettings:

@@ -6,8 +6,9 @@ the files in ``mambaprune/assets/testbed`` in well under a second.
 
 Architecture (Cobra's, scaled down; see :class:`TestbedConfig`):
 
-* **vision**: :class:`ConvTower`, a small convolutional encoder (224 px, one token per 16 px patch, so 14 x 14 =
-  196 patch tokens of width 128); pixels resized naively to 224 px and normalised with mean/std 0.5;
+* **vision**: :class:`ConvTower`, a small convolutional encoder with two self-attention blocks on top (160 px,
+  one token per 16 px patch, so 10 x 10 = 100 patch tokens of width 128); pixels resized naively to 160 px and
+  normalised with mean/std 0.5;
 * **projector**: the fused GELU MLP of Cobra (:class:`~mambaprune.models.projector.MLPProjector`, keys
   ``0/2/4``);
 * **language model**: a :class:`~mambaprune.models.mamba_lm.MambaLM` with 16 layers of width 128 (d_state 16,
@@ -67,14 +68,18 @@ class TestbedConfig:
         image_size, patch_size: the tower's input (grid = image_size // patch_size per side).
         vision_width, vision_layers: the tower's token width and its stride-1 residual conv blocks
             (:class:`ConvTower`).
+        vision_attention_layers, vision_heads: the pre-norm self-attention blocks on top of the convolutions
+            that let every patch token see the whole image, as the ViT tokens of Cobra's towers do.
         projector_hidden: hidden width of the GELU MLP projector.
         d_model, n_layer, d_state, expand: the Mamba LM's shape; ``vocab_size`` is the tokenizer's.
     """
 
-    image_size: int = 224
+    image_size: int = 160
     patch_size: int = 16
     vision_width: int = 128
     vision_layers: int = 2
+    vision_attention_layers: int = 2
+    vision_heads: int = 4
     projector_hidden: int = 512
     d_model: int = 128
     n_layer: int = 16
@@ -96,19 +101,22 @@ class TestbedConfig:
 class ConvTower(PixelTower):
     """The testbed's vision encoder: a small convolutional network giving one token per ``patch_size`` patch.
 
-    ``log2(patch_size)`` stride-2 3x3 convolutions (GELU) take 224 px to a 14 x 14 grid of ``width`` channels,
-    then ``depth`` stride-1 3x3 residual blocks widen each token's view, a learned position embedding is added
-    and the tokens are layer-normalised. Token ``i`` is patch ``(i // 14, i % 14)``, row-major, as for the ViT
-    towers (:class:`~mambaprune.models.vision.ViTTower` protocol: ``preprocess``, ``grid``, ``dim``,
-    ``num_tokens``, ``display``). Pixels: resized naively to ``image_size`` and normalised with mean/std 0.5.
+    ``log2(patch_size)`` stride-2 3x3 convolutions (GELU) take the image to a grid of ``width`` channels (160 px:
+    10 x 10), then ``depth`` stride-1 3x3 residual blocks widen each token's view, a learned position embedding
+    is added, ``attention_layers`` pre-norm transformer blocks (``heads`` heads, MLP 2x ``width``, GELU) mix the
+    tokens globally and the tokens are layer-normalised. Token ``i`` is patch ``(i // g, i % g)`` of the
+    ``g x g`` grid, row-major, as for the ViT towers (:class:`~mambaprune.models.vision.ViTTower` protocol:
+    ``preprocess``, ``grid``, ``dim``, ``num_tokens``, ``display``). Pixels: resized naively to ``image_size``
+    and normalised with mean/std 0.5.
     (A ViT trained from scratch learned the shapes far too slowly for the CPU budget; a convolutional stem is
-    the usual remedy.)
+    the usual remedy. The attention blocks give each token a view of the whole image, as a ViT's tokens have.)
     """
 
     MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     resize = "resize-naive"
 
-    def __init__(self, image_size: int = 224, patch_size: int = 16, width: int = 128, depth: int = 2):
+    def __init__(self, image_size: int = 160, patch_size: int = 16, width: int = 128, depth: int = 2,
+                 attention_layers: int = 0, heads: int = 4):
         super().__init__()
         n_down = int(math.log2(patch_size))
         if 2 ** n_down != patch_size or image_size % patch_size:
@@ -119,6 +127,9 @@ class ConvTower(PixelTower):
         self.blocks = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1) for _ in range(depth))
         g = image_size // patch_size
         self.position = nn.Parameter(torch.zeros(1, g * g, width))
+        self.attention = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0, activation="gelu",
+                                       batch_first=True, norm_first=True) for _ in range(attention_layers))
         self.norm = nn.LayerNorm(width)
 
     @property
@@ -159,6 +170,8 @@ class ConvTower(PixelTower):
         for conv in self.blocks:
             x = x + F.gelu(conv(x))
         x = x.flatten(2).transpose(1, 2) + self.position          # (batch, g*g, width), row-major patches
+        for block in self.attention:
+            x = block(x)
         return self.norm(x)
 
 
@@ -191,7 +204,8 @@ def build_testbed(config: TestbedConfig, tokenizer) -> MambaVLM:
     vocab = len(tokenizer)
     if vocab > config.vocab_size:
         raise ValueError(f"the tokenizer has {vocab} tokens, the config only {config.vocab_size}")
-    vision = ConvTower(config.image_size, config.patch_size, config.vision_width, config.vision_layers)
+    vision = ConvTower(config.image_size, config.patch_size, config.vision_width, config.vision_layers,
+                       config.vision_attention_layers, config.vision_heads)
     projector = MLPProjector(config.vision_width, config.d_model, hidden_dim=config.projector_hidden)
     eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
     lm = MambaLM(config.mamba_config(eos_token_id=eos))
