@@ -18,7 +18,8 @@ from mambaprune.models.testbed import TestbedConfig as Config          # aliased
 from mambaprune.models.testbed import read_testbed_config, save_testbed
 from mambaprune.models.testbed import testbed_prompt as prompt
 from mambaprune.train_testbed import (IGNORE, TrainSettings, TurnEncoder, answer_loss, answer_start_positions,
-                                      conversations, init_mamba_, lr_at, train)
+                                      conversations, init_mamba_, lr_at, train, visual_rms_penalty,
+                                      visual_shared_penalty)
 
 TINY = Config(image_size=32, patch_size=8, vision_width=16, vision_layers=1,
                      projector_hidden=32, d_model=16, n_layer=2, d_state=4, vocab_size=320)
@@ -187,6 +188,17 @@ def test_answer_loss_taps_the_stream_after_a_layer(tiny_model, tokenizer, synth_
         expected = F.layer_norm(hidden + residual, (hidden.shape[-1],))
     assert states.shape == (1, visual.shape[1] + ids.shape[1], tiny_model.lm.config.d_model)
     assert torch.allclose(states, expected, atol=1e-5)
+
+
+def test_visual_penalties_by_hand():
+    v = torch.tensor([[[3.0, 4.0], [0.0, 0.0]],        # image 0: tokens of RMS sqrt(12.5) and 0
+                      [[1.0, 0.0], [0.0, 2.0]]])       # image 1: tokens of RMS sqrt(0.5) and sqrt(2)
+    per_token = ((12.5 ** 0.5 - 1) ** 2 + 1 + (0.5 ** 0.5 - 1) ** 2 + (2 ** 0.5 - 1) ** 2) / 4
+    assert torch.isclose(visual_rms_penalty(v), torch.tensor(per_token))
+    assert torch.isclose(visual_rms_penalty(v, per_token=False), torch.tensor((30 / 8) ** 0.5 - 1) ** 2)
+    # the mean over images is [[2, 2], [0, 1]]: the image-independent part
+    assert torch.isclose(visual_shared_penalty(v), torch.tensor((4 + 4 + 0 + 1) / 4))
+    assert visual_shared_penalty(v - v.mean(0, keepdim=True)) < 1e-12
 
 
 def test_learning_rate_schedule():
