@@ -43,6 +43,7 @@ def load_run(folder: Path):
 
 def main(argv=None) -> None:
     from mambaprune.data.readers import load_dataset
+    from mambaprune.models.testbed import testbed_prompt
     from mambaprune.train_testbed import TurnEncoder
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -54,9 +55,8 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     model = load_run(args.run)
     images = sorted({str(s.image) for s in load_dataset("synthvqa", args.data, "val")})[: args.images]
-    enc = TurnEncoder(model.tokenizer)
-    ids, _ = enc.batch([[(args.question, "yes")]] * len(images))
-    ids = ids[:, :-2]                        # up to the prompt's last token: the position that predicts "yes"
+    prompt = TurnEncoder(model.tokenizer).ids(testbed_prompt(args.question))  # ends where the answer is predicted
+    ids = torch.tensor([prompt] * len(images))
     streams = {}
 
     def tap(seq):

@@ -141,15 +141,6 @@ class ConvTower(PixelTower):
         return self._patch_size
 
     @property
-    def grid(self) -> tuple[int, int]:
-        g = self._image_size // self._patch_size
-        return g, g
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
-
-    @property
     def dim(self) -> int:
         return self.norm.normalized_shape[0]
 

@@ -177,8 +177,18 @@ class VisionTower(Protocol):
 
 
 class PixelTower(nn.Module):
-    """Pixel handling shared by the towers: subclasses give ``image_size``, ``resize`` (a strategy of
-    :data:`RESIZE_STRATEGIES`), ``pixel_stats`` (per-channel mean and std) and ``pixel_owner`` (for messages)."""
+    """Pixel handling and the patch grid shared by the towers: subclasses give ``image_size``, ``patch_size``,
+    ``resize`` (a strategy of :data:`RESIZE_STRATEGIES`), ``pixel_stats`` (per-channel mean and std) and
+    ``pixel_owner`` (for messages)."""
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        side = self.image_size // self.patch_size  # a patch convolution drops a remainder (384 px / 14 -> 27)
+        return side, side
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid[0] * self.grid[1]
 
     def _stats(self):
         mean, std = self.pixel_stats
@@ -252,15 +262,6 @@ class ViTTower(PixelTower):
     @property
     def patch_size(self) -> int:
         return self.model.config.patch_size
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        side = self.image_size // self.patch_size  # the patch convolution drops a remainder (384 px / 14 -> 27)
-        return side, side
-
-    @property
-    def num_tokens(self) -> int:
-        return self.grid[0] * self.grid[1]
 
     @property
     def dim(self) -> int:
