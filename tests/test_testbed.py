@@ -17,9 +17,12 @@ from mambaprune.models.testbed import TESTBED_DIR, build_testbed, build_tokenize
 from mambaprune.models.testbed import TestbedConfig as Config          # aliased: pytest collects test*
 from mambaprune.models.testbed import read_testbed_config, save_testbed
 from mambaprune.models.testbed import testbed_prompt as prompt
-from mambaprune.train_testbed import (IGNORE, TrainSettings, TurnEncoder, answer_loss, answer_start_positions,
-                                      conversations, init_mamba_, lr_at, train, visual_rms_penalty,
-                                      visual_shared_penalty)
+from mambaprune.train_testbed import (AUX_SHAPES, IGNORE, AuxHead, TrainSettings, TurnEncoder, add_arguments,
+                                      answer_loss, answer_start_positions, conversations, curriculum_positions, curriculum_tokens_at,
+                                      init_mamba_, lr_at,
+                                      patch_targets, pretrain_tower, settings_from_args, standardize_tower,
+                                      tower_features, train,
+                                      visual_rms_penalty, visual_shared_penalty)
 
 TINY = Config(image_size=32, patch_size=8, vision_width=16, vision_layers=1,
                      projector_hidden=32, d_model=16, n_layer=2, d_state=4, vocab_size=320)
@@ -209,6 +212,88 @@ def test_learning_rate_schedule():
     assert lr_at(110, s) == pytest.approx(0.1) and lr_at(500, s) == pytest.approx(0.1)
 
 
+def test_patch_targets_by_hand():
+    # 224 px scene on a 160 px tower with 16 px patches: (100, 60) -> (71.4, 42.9) -> patch row 2, col 4 = 24
+    scene = {"objects": [{"shape": "triangle", "color": "blue", "size": "large", "center": [100, 60]}],
+             "code": "AB", "sign": {"text_origin": [10, 150], "scale": 2}}
+    t = patch_targets(scene, 224, 160, 16)
+    assert t["color"][24] > 0 and t["shape"][24] == AUX_SHAPES.index("triangle")
+    assert t["category"][24] == t["color"][24] * len(AUX_SHAPES) + t["shape"][24]
+    assert t["size"][24] == 2                                      # ("none", "small", "large")
+    assert (t["category"] > 0).sum() == 1 and (t["size"] > 0).sum() == 1
+    assert t["chars"].sum() == 2 and t["chars"][:, 0].sum() == 1 and t["chars"][:, 1].sum() == 1
+
+
+def test_stage_one_lowers_the_patch_loss_and_cached_features_equal_the_tower(synth_small):
+    torch.manual_seed(0)
+    model = build_testbed(TINY, build_tokenizer(CORPUS, vocab_size=TINY.vocab_size))
+    tower, aux = model.vision, AuxHead(model.vision.dim)
+    scenes_file = json.loads((synth_small / "scenes" / "train.json").read_text())
+    scenes = {sc["image_id"]: sc for sc in scenes_file["scenes"]}
+    paths = [p for p, _ in conversations(synth_small, "train")]
+    def targets_of(p):
+        return patch_targets(scenes[int(p.rsplit("/", 1)[1].split(".")[0])], scenes_file["image_size"],
+                             tower.image_size, tower.patch_size)
+    def patch_loss():
+        t = [targets_of(p) for p in paths]
+        with torch.no_grad():
+            return aux.loss(tower(tower.preprocess(paths)), {k: torch.stack([x[k] for x in t]) for k in t[0]})
+    before = patch_loss()
+    s = TrainSettings(data="", out="", tower_steps=30, tower_batch_size=6, warmup=1, tower_lr=1e-2)
+    pretrain_tower(tower, aux, paths, targets_of, s, log=lambda m: None)
+    assert patch_loss() < 0.5 * before
+    tower.train()
+    cached = tower_features(tower, paths, batch_size=4)
+    assert tower.training                                         # the mode is given back
+    with torch.no_grad():
+        direct = tower.eval()(tower.preprocess(paths))
+    assert cached.dtype == torch.float16 and cached.shape == direct.shape
+    torch.testing.assert_close(cached.float(), direct, atol=1e-2, rtol=1e-2)
+
+
+def test_token_curriculum_schedule_and_positions():
+    s = TrainSettings(data="", out="", steps=1000, token_curriculum=0.5, curriculum_tokens=16)
+    # 500 curriculum steps: 16 tokens for the first 150, then a linear ramp to 100 at step 500
+    assert [curriculum_tokens_at(k, s, 100) for k in (0, 150, 325, 500, 900)] == [16, 16, 58, 100, 100]
+    assert curriculum_tokens_at(0, TrainSettings(data="", out=""), 100) == 100        # off by default
+    scene = {"objects": [{"center": [10, 10]}, {"center": [200, 200]}], "code": "AB",
+             "sign": {"text_origin": [100, 100], "scale": 2}}
+    geometry = (224, 160, 16)
+    import random
+    kept = curriculum_positions(scene, geometry, 16, 100, random.Random(0))
+    assert len(kept) == len(set(kept)) == 16 and kept == sorted(kept)
+    # objects at (10, 10) and (200, 200) -> patches 0 and 88; characters at x 105, 117, y 107 -> 44, 45
+    assert {0, 88, 44, 45} <= set(kept)                            # every content patch is kept
+    few = curriculum_positions(scene, geometry, 2, 100, random.Random(0))
+    assert len(few) == 2 and set(few) <= {0, 88, 44, 45} and few == sorted(few)
+
+
+def test_standardised_tower_centres_each_position_and_scales_each_channel(synth_small):
+    torch.manual_seed(0)
+    tower = build_testbed(TINY, build_tokenizer(CORPUS, vocab_size=TINY.vocab_size)).vision
+    paths = [p for p, _ in conversations(synth_small, "train")]
+    with torch.no_grad():
+        raw = tower.eval()(tower.preprocess(paths))                 # fp32 (tower_features gives fp16)
+    returned = standardize_tower(tower, raw)
+    after = tower_features(tower, paths).float()                   # the tower now applies it itself
+    torch.testing.assert_close(after, returned.float(), atol=2e-2, rtol=1e-2)
+    expected = (raw.float() - raw.float().mean(0, keepdim=True))
+    expected = expected / expected.std(dim=(0, 1), keepdim=True)
+    torch.testing.assert_close(after, expected, atol=2e-2, rtol=1e-2)
+    assert after.mean(0).abs().max() < 1e-2                       # nothing shared by all images is left
+    torch.testing.assert_close(after.std(dim=(0, 1)), torch.ones(after.shape[-1]), atol=1e-2, rtol=0)
+
+
+def test_command_line_sets_the_language_model_shape():
+    import argparse
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    s = settings_from_args(p.parse_args(["--data", "d", "--out", "o", "--d-model", "64", "--expand", "1",
+                                         "--d-state", "8", "--tower-steps", "5", "--freeze-tower"]))
+    assert (s.model.d_model, s.model.expand, s.model.d_state, s.model.n_layer) == (64, 1, 8, Config().n_layer)
+    assert s.tower_steps == 5 and s.freeze_tower and s.model.image_size == Config().image_size
+
+
 def test_training_runs_resumes_and_writes_a_loadable_testbed(synth_small, tmp_path):
     convs = conversations(synth_small, "train")
     assert len(convs) == 6 and all(len(t) == len(FAMILIES) for _, t in convs)
@@ -227,6 +312,28 @@ def test_training_runs_resumes_and_writes_a_loadable_testbed(synth_small, tmp_pa
     second = load_testbed(tmp_path)
     assert second.tokenizer.get_vocab() == first.tokenizer.get_vocab()
     assert not torch.equal(first.lm.backbone.embedding.weight, second.lm.backbone.embedding.weight)
+
+
+def test_two_stage_training_keeps_the_stage_one_tower(synth_small, tmp_path, monkeypatch):
+    import mambaprune.train_testbed as tt
+    after_stage_one = {}
+
+    def recording(tower, *args, **kwargs):
+        tt_pretrain(tower, *args, **kwargs)
+        after_stage_one.update({k: v.clone() for k, v in tower.state_dict().items()})
+
+    tt_pretrain = tt.pretrain_tower
+    monkeypatch.setattr(tt, "pretrain_tower", recording)
+    s = TrainSettings(data=str(synth_small), out=str(tmp_path), steps=2, batch_size=2, warmup=1, eval_every=10,
+                      eval_per_family=2, test_per_family=2, tower_steps=3, tower_batch_size=2, freeze_tower=True,
+                      model=TINY)
+    train(s, log=lambda m: None)
+    shipped = load_testbed(tmp_path)
+    assert after_stage_one and all(torch.equal(after_stage_one[k], v) for k, v in shipped.vision.state_dict().items())
+    torch.manual_seed(0)
+    fresh = build_testbed(TINY, shipped.tokenizer).vision.state_dict()
+    assert not all(torch.equal(fresh[k], v) for k, v in after_stage_one.items())      # stage 1 trained it
+
 
 
 # ------------------------------------------------------------------------------------------------ evaluation

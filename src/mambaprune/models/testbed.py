@@ -104,7 +104,9 @@ class ConvTower(PixelTower):
     ``log2(patch_size)`` stride-2 3x3 convolutions (GELU) take the image to a grid of ``width`` channels (160 px:
     10 x 10), then ``depth`` stride-1 3x3 residual blocks widen each token's view, a learned position embedding
     is added, ``attention_layers`` pre-norm transformer blocks (``heads`` heads, MLP 2x ``width``, GELU) mix the
-    tokens globally and the tokens are layer-normalised. Token ``i`` is patch ``(i // g, i % g)`` of the
+    tokens globally and the tokens are layer-normalised, then standardised with the buffers ``feature_mean``
+    (per position) and ``feature_scale`` (per channel), which training sets from the training images so that
+    what every image shares (the background) is zero and only the image's content remains. Token ``i`` is patch ``(i // g, i % g)`` of the
     ``g x g`` grid, row-major, as for the ViT towers (:class:`~mambaprune.models.vision.ViTTower` protocol:
     ``preprocess``, ``grid``, ``dim``, ``num_tokens``, ``display``). Pixels: resized naively to ``image_size``
     and normalised with mean/std 0.5.
@@ -131,6 +133,10 @@ class ConvTower(PixelTower):
             nn.TransformerEncoderLayer(width, heads, dim_feedforward=2 * width, dropout=0.0, activation="gelu",
                                        batch_first=True, norm_first=True) for _ in range(attention_layers))
         self.norm = nn.LayerNorm(width)
+        # feature standardisation (identity until set by training: the per-position mean of the training
+        # images' features and the per-channel std around it; see train_testbed.standardize_tower)
+        self.register_buffer("feature_mean", torch.zeros(1, g * g, width))
+        self.register_buffer("feature_scale", torch.ones(1, 1, width))
 
     @property
     def image_size(self) -> int:
@@ -163,7 +169,7 @@ class ConvTower(PixelTower):
         x = x.flatten(2).transpose(1, 2) + self.position          # (batch, g*g, width), row-major patches
         for block in self.attention:
             x = block(x)
-        return self.norm(x)
+        return (self.norm(x) - self.feature_mean) / self.feature_scale
 
 
 def build_tokenizer(texts, vocab_size: int = 384):
