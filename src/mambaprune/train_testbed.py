@@ -18,8 +18,15 @@ the answers are read (:func:`answer_start_positions`). A penalty keeps the visua
 their image-independent part to zero (:func:`visual_shared_penalty`, weight ``visual_shared_weight``).
 Evaluation is single-turn, exactly as the harness asks. ``--device`` trains on another torch device.
 
-Everything is trained jointly (tower, projector, LM) with AdamW, linear warm-up then cosine decay, gradient
-clipping, fp32. Every ``eval_every`` steps the model answers ``eval_per_family`` validation questions per family
+Two-stage training (``tower_steps > 0`` and ``freeze_tower``, the recipe of the shipped testbed): stage 1
+trains the tower alone on the per-patch read-out (:func:`pretrain_tower`); stage 2 computes the tower's
+features of every training image once (:func:`tower_features`), optionally standardises them
+(``standardize``, :func:`standardize_tower`: the per-position mean of the training images is subtracted and
+each channel scaled, inside the tower, so the background every image shares is zero), and trains only the
+projector and the LM on them. Without these options everything is trained jointly (tower, projector, LM).
+An optional token curriculum (``token_curriculum``, :func:`curriculum_positions`) trains first on the content
+patches of each image only and grows the visual sequence to the full grid. AdamW, linear warm-up then cosine
+decay, gradient clipping, fp32. Every ``eval_every`` steps the model answers ``eval_per_family`` validation questions per family
 (greedy, the real metrics) and a line goes to ``train_log.jsonl``; a resumable checkpoint (``last.pt``, with the
 optimizer) is written at the same time, and a run started again with the same ``--out`` continues from it.
 At the end the testbed folder (:func:`~mambaprune.models.testbed.save_testbed`) is written to ``--out``
