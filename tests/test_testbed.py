@@ -129,6 +129,21 @@ def test_init_mamba_draws_delta_in_range(tiny_model, tokenizer):
     assert conv[..., 4:].abs().max() < 0.25 * conv[..., :1].abs().max()   # 10% noise left of the filter
 
 
+def test_zero_out_proj_init_makes_every_layer_the_identity(tokenizer):
+    lm = build_testbed(TINY, tokenizer).lm
+    init_mamba_(lm, 0, out_proj_scale=0.0)
+    assert all(float(layer.mixer.out_proj.weight.abs().max()) == 0 for layer in lm.backbone.layers)
+    ids = torch.tensor([[5, 9, 17, 3, 11]])
+    with torch.no_grad():
+        logits = lm(ids, return_all_logits=True).logits
+        expected = lm.lm_head(lm.backbone.norm_f(lm.backbone.embedding(ids)))
+    torch.testing.assert_close(logits, expected)
+    init_mamba_(lm, 0, out_proj_scale=0.5)                          # a scale multiplies the 1/sqrt(L) init
+    half = lm.backbone.layers[0].mixer.out_proj.weight.clone()
+    init_mamba_(lm, 0)
+    torch.testing.assert_close(half, 0.5 * lm.backbone.layers[0].mixer.out_proj.weight)
+
+
 def test_turn_encoder_labels_only_the_answers(tokenizer):
     enc = TurnEncoder(tokenizer)
     turns = [("What color is the triangle?", "red"), ("What does the sign say?", "K7M")]

@@ -91,6 +91,7 @@ class TrainSettings:
     threads: int | None = None
     device: str = "cpu"
     max_minutes: float | None = None
+    out_proj_init: float = 1.0
     tower_steps: int = 0
     tower_batch_size: int = 32
     tower_lr: float = 2e-3
@@ -102,12 +103,13 @@ class TrainSettings:
 
 
 def init_mamba_(lm, seed: int, dt_min: float = 1e-3, dt_max: float = 0.1, a_scale: float = 1.0,
-                difference_conv: bool = False) -> None:
+                difference_conv: bool = False, out_proj_scale: float = 1.0) -> None:
     """Mamba's training initialisation (Gu & Dao 2023, Sec. 3.6 and their reference setup), redrawn here:
     embeddings N(0, 0.02); Linear layers PyTorch's default with zero biases; ``dt_proj.weight`` uniform in
     ``±dt_rank^-0.5``; ``dt_proj.bias`` the inverse softplus of Δ drawn log-uniformly in [dt_min, dt_max];
     ``A_log = log((1..d_state) / a_scale)`` (S4D-real, ``a_scale = 1`` in Mamba), ``D = 1``; each ``out_proj``
-    scaled by ``1/sqrt(n_layer)`` (pre-norm residual).
+    scaled by ``1/sqrt(n_layer)`` (pre-norm residual), times ``out_proj_scale`` (0: every layer starts as the
+    identity, so the 16-layer stack starts as shallow as its embeddings and grows its layers as it learns).
 
     The testbed trains with ``a_scale = 64`` and Δ in [0.01, 0.5]: slower decay and larger writes at
     initialisation. With Mamba's defaults the gradient of the last position with respect to a visual token 200
@@ -124,7 +126,7 @@ def init_mamba_(lm, seed: int, dt_min: float = 1e-3, dt_max: float = 0.1, a_scal
                 lin.weight.uniform_(-bound, bound, generator=gen)
                 if lin.bias is not None:
                     lin.bias.zero_()
-            mixer.out_proj.weight.div_(math.sqrt(n_layer))
+            mixer.out_proj.weight.mul_(out_proj_scale / math.sqrt(n_layer))
             w = mixer.conv1d.weight
             bound = 1 / math.sqrt(w.shape[1] * w.shape[2])
             w.uniform_(-bound, bound, generator=gen)
@@ -533,7 +535,7 @@ def train(s: TrainSettings, log=print) -> dict:
     torch.manual_seed(s.seed)
     model = build_testbed(s.model, tokenizer)
     init_mamba_(model.lm, s.seed, dt_min=s.dt_min, dt_max=s.dt_max, a_scale=s.a_init_scale,
-                difference_conv=s.difference_conv)
+                difference_conv=s.difference_conv, out_proj_scale=s.out_proj_init)
     aux = AuxHead(model.vision.dim)
     memory = MemoryHead(model.lm.config.d_model)
     dev = torch.device(s.device)
@@ -684,7 +686,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "memory_weight",
                  "turn_memory_weight", "a_init_scale",
                  "visual_rms_weight", "visual_shared_weight", "dt_min", "dt_max", "max_minutes", "tower_lr",
-                 "token_curriculum"):
+                 "out_proj_init", "token_curriculum"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     for name in ("d_model", "n_layer", "d_state", "expand"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d.model, name),
