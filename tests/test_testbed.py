@@ -18,10 +18,9 @@ from mambaprune.models.testbed import TestbedConfig as Config          # aliased
 from mambaprune.models.testbed import read_testbed_config, save_testbed
 from mambaprune.models.testbed import testbed_prompt as prompt
 from mambaprune.train_testbed import (AUX_SHAPES, IGNORE, AuxHead, TrainSettings, TurnEncoder, add_arguments,
-                                      answer_loss, answer_start_positions, conversations, curriculum_positions, curriculum_tokens_at,
-                                      init_mamba_, lr_at,
-                                      patch_targets, pretrain_tower, settings_from_args, standardize_tower,
-                                      tower_features, train,
+                                      answer_loss, answer_start_positions, conversations, curriculum_positions,
+                                      curriculum_tokens_at, init_mamba_, lr_at, patch_targets, pretrain_tower,
+                                      settings_from_args, standardize_tower, tower_features, train,
                                       visual_rms_penalty, visual_shared_penalty)
 
 TINY = Config(image_size=32, patch_size=8, vision_width=16, vision_layers=1,
@@ -225,6 +224,10 @@ def test_learning_rate_schedule():
     assert lr_at(10, s) == pytest.approx(1.0)
     assert lr_at(60, s) == pytest.approx(0.1 + 0.9 * 0.5)
     assert lr_at(110, s) == pytest.approx(0.1) and lr_at(500, s) == pytest.approx(0.1)
+    # stage 1's schedule: the same shape with its own peak and length
+    assert lr_at(0, s, peak=2.0, total=30) == pytest.approx(0.2) and lr_at(20, s, peak=2.0, total=30) == \
+        pytest.approx(2.0 * (0.1 + 0.9 * 0.5))
+    assert lr_at(30, s, peak=2.0, total=30) == pytest.approx(0.2)
 
 
 def test_patch_targets_by_hand():

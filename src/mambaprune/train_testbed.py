@@ -26,9 +26,10 @@ each channel scaled, inside the tower, so the background every image shares is z
 projector and the LM on them. Without these options everything is trained jointly (tower, projector, LM).
 An optional token curriculum (``token_curriculum``, :func:`curriculum_positions`) trains first on the content
 patches of each image only and grows the visual sequence to the full grid. AdamW, linear warm-up then cosine
-decay, gradient clipping, fp32. Every ``eval_every`` steps the model answers ``eval_per_family`` validation questions per family
-(greedy, the real metrics) and a line goes to ``train_log.jsonl``; a resumable checkpoint (``last.pt``, with the
-optimizer) is written at the same time, and a run started again with the same ``--out`` continues from it.
+decay, gradient clipping, fp32. Every ``eval_every`` steps the model answers ``eval_per_family`` validation
+questions per family (greedy, the real metrics) and a line goes to ``train_log.jsonl``; a resumable checkpoint
+(``last.pt``, with the optimizer) is written at the same time, and a run started again with the same ``--out``
+continues from it.
 At the end the testbed folder (:func:`~mambaprune.models.testbed.save_testbed`) is written to ``--out``
 with the test-split accuracy of every family and the training-curve plot ``curves.png``.
 
@@ -206,6 +207,11 @@ def patch_targets(scene: dict, scene_size: int, image_size: int, patch_size: int
             "chars": chars}
 
 
+def stack_targets(rows: list[dict[str, torch.Tensor]], device) -> dict[str, torch.Tensor]:
+    """Per-image target dicts (:func:`patch_targets`, :func:`memory_targets`) stacked into one batch dict."""
+    return {k: torch.stack([r[k] for r in rows]).to(device) for k in rows[0]}
+
+
 class AuxHead(nn.Module):
     """A linear read-out of the vision tower's patch features used only in training (not shipped): it makes the
     tower encode what each patch holds early, which the language model then learns to use far sooner."""
@@ -369,10 +375,10 @@ def visual_rms_penalty(visual: torch.Tensor, target: float = 1.0, per_token: boo
 def pretrain_tower(tower, aux: "AuxHead", images: list, targets_of, s: TrainSettings, log=print) -> None:
     """Stage 1 (``tower_steps > 0``): the vision tower alone, trained on the per-patch read-out of
     :class:`AuxHead` (colour, shape, colour x shape, size and code characters of what each patch holds) for
-    ``tower_steps`` steps of ``tower_batch_size`` random training images, AdamW at ``tower_lr`` with warm-up and
-    cosine decay. ``targets_of(path)`` gives an image's :func:`patch_targets`. Each patch's content then sits in
-    its own token, linearly readable, before the language model starts; with ``freeze_tower`` stage 2 trains
-    only the projector and the LM on these features."""
+    ``tower_steps`` steps of ``tower_batch_size`` random training images, AdamW with :func:`lr_at`'s schedule
+    peaking at ``tower_lr``. ``targets_of(path)`` gives an image's :func:`patch_targets`. Each patch's content
+    then sits in its own token, linearly readable, before the language model starts; with ``freeze_tower``
+    stage 2 trains only the projector and the LM on these features."""
     dev = next(tower.parameters()).device
     params = list(tower.parameters()) + list(aux.parameters())
     opt = torch.optim.AdamW(params, lr=s.tower_lr, weight_decay=s.weight_decay, betas=(0.9, 0.98))
@@ -380,13 +386,10 @@ def pretrain_tower(tower, aux: "AuxHead", images: list, targets_of, s: TrainSett
     tower.train()
     running = []
     for step in range(s.tower_steps):
-        warm = min(1.0, (step + 1) / max(1, s.warmup))
         for group in opt.param_groups:
-            group["lr"] = s.tower_lr * warm * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * step / s.tower_steps)))
+            group["lr"] = lr_at(step, s, peak=s.tower_lr, total=s.tower_steps)
         picked = rng.sample(images, min(s.tower_batch_size, len(images)))
-        targets = [targets_of(p) for p in picked]
-        loss = aux.loss(tower(tower.preprocess(picked).to(dev)),
-                        {k: torch.stack([t[k] for t in targets]).to(dev) for k in targets[0]})
+        loss = aux.loss(tower(tower.preprocess(picked).to(dev)), stack_targets([targets_of(p) for p in picked], dev))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, s.grad_clip)
@@ -428,10 +431,11 @@ def curriculum_positions(scene: dict, geometry: tuple, keep: int, n_tokens: int,
     short, content-dense visual sequence; the curriculum then grows it to the full grid, where the background
     patches must be skipped."""
     objects, chars = scene_patches(scene, *geometry)
-    content = sorted(set(objects) | set(chars))
+    content_set = set(objects) | set(chars)
+    content = sorted(content_set)
     if len(content) >= keep:
         return sorted(rng.sample(content, keep))
-    rest = [i for i in range(n_tokens) if i not in set(content)]
+    rest = [i for i in range(n_tokens) if i not in content_set]
     return sorted(content + rng.sample(rest, keep - len(content)))
 
 
@@ -456,11 +460,15 @@ def standardize_tower(tower, features: torch.Tensor) -> torch.Tensor:
     return ((f - mean) / scale).half()
 
 
-def lr_at(step: int, s: TrainSettings) -> float:
+def lr_at(step: int, s: TrainSettings, peak: float | None = None, total: int | None = None) -> float:
+    """Linear warm-up over ``s.warmup`` steps to ``peak`` (default ``s.lr``), then cosine decay to
+    ``s.min_lr_ratio * peak`` at step ``total`` (default ``s.steps``)."""
+    peak = s.lr if peak is None else peak
+    total = s.steps if total is None else total
     if step < s.warmup:
-        return s.lr * (step + 1) / s.warmup
-    t = min(1.0, (step - s.warmup) / max(1, s.steps - s.warmup))
-    return s.lr * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+        return peak * (step + 1) / s.warmup
+    t = min(1.0, (step - s.warmup) / max(1, total - s.warmup))
+    return peak * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
 def family_subset(samples, per_family: int | None):
@@ -597,7 +605,8 @@ def train(s: TrainSettings, log=print) -> dict:
         model.train()
         per_epoch = len(train_convs) // s.batch_size
         epoch, pos = divmod(step, per_epoch)
-        picked = [train_convs[i] for i in order_for(epoch)[pos * s.batch_size:(pos + 1) * s.batch_size]]
+        batch_idx = order_for(epoch)[pos * s.batch_size:(pos + 1) * s.batch_size]
+        picked = [train_convs[i] for i in batch_idx]
         rng = random.Random(s.seed * 7919 + step)
         turns = []
         for path, base in picked:
@@ -608,7 +617,6 @@ def train(s: TrainSettings, log=print) -> dict:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, s)
         if cached is not None:
-            batch_idx = order_for(epoch)[pos * s.batch_size:(pos + 1) * s.batch_size]
             features = cached[batch_idx].to(dev, torch.float32)
         else:
             features = model.vision(model.vision.preprocess([p for p, _ in picked]))
@@ -624,13 +632,12 @@ def train(s: TrainSettings, log=print) -> dict:
         nv = visual.shape[1]
         if cached is None:
             targets = [patch_targets(scenes[int(Path(p).stem)], *geometry) for p, _ in picked]
-            aux_loss = aux.loss(features, {k: torch.stack([t[k] for t in targets]).to(dev) for k in targets[0]})
+            aux_loss = aux.loss(features, stack_targets(targets, dev))
         else:
             aux_loss = torch.zeros(())
         mem_loss = 0.0
         if s.memory_weight or s.turn_memory_weight:
-            mem_rows = [memory_targets(scenes[int(Path(p).stem)], *geometry) for p, _ in picked]
-            mem = {k: torch.stack([t[k] for t in mem_rows]).to(dev) for k in mem_rows[0]}
+            mem = stack_targets([memory_targets(scenes[int(Path(p).stem)], *geometry) for p, _ in picked], dev)
         if s.memory_weight:
             mem_loss = s.memory_weight * memory.loss(states[:, :nv], mem)
         if s.turn_memory_weight:
@@ -681,7 +688,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a SynthVQA folder written by `mambaprune synth`")
     p.add_argument("--out", required=True, help="where the testbed folder (and last.pt, to resume) goes")
     for name in ("steps", "batch_size", "warmup", "seed", "eval_every", "eval_per_family", "test_per_family",
-                 "threads", "extra_per_family", "memory_layer", "tower_steps", "tower_batch_size", "curriculum_tokens"):
+                 "threads", "extra_per_family", "memory_layer", "tower_steps", "tower_batch_size",
+                 "curriculum_tokens"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "memory_weight",
                  "turn_memory_weight", "a_init_scale",

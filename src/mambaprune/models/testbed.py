@@ -106,9 +106,10 @@ class ConvTower(PixelTower):
     is added, ``attention_layers`` pre-norm transformer blocks (``heads`` heads, MLP 2x ``width``, GELU) mix the
     tokens globally and the tokens are layer-normalised, then standardised with the buffers ``feature_mean``
     (per position) and ``feature_scale`` (per channel), which training sets from the training images so that
-    what every image shares (the background) is zero and only the image's content remains. Token ``i`` is patch ``(i // g, i % g)`` of the
-    ``g x g`` grid, row-major, as for the ViT towers (:class:`~mambaprune.models.vision.ViTTower` protocol:
-    ``preprocess``, ``grid``, ``dim``, ``num_tokens``, ``display``). Pixels: resized naively to ``image_size``
+    what every image shares (the background) is zero and only the image's content remains. Token ``i`` is
+    patch ``(i // g, i % g)`` of the ``g x g`` grid, row-major, as for the ViT towers
+    (:class:`~mambaprune.models.vision.ViTTower` protocol: ``preprocess``, ``grid``, ``dim``, ``num_tokens``,
+    ``display``). Pixels: resized naively to ``image_size``
     and normalised with mean/std 0.5.
     (A ViT trained from scratch learned the shapes far too slowly for the CPU budget; a convolutional stem is
     the usual remedy. The attention blocks give each token a view of the whole image, as a ViT's tokens have.)
