@@ -31,7 +31,7 @@ import torch.nn.functional as F
 
 
 def oracle_sums(data: Path, images: list[str]) -> torch.Tensor:
-    from mambaprune.train_testbed import AUX_SHAPES, patch_targets
+    from mambaprune.train_testbed import patch_targets
 
     scene_file = json.loads((data / "scenes" / "train.json").read_text())
     scenes = {sc["image_id"]: sc for sc in scene_file["scenes"]}
@@ -39,7 +39,7 @@ def oracle_sums(data: Path, images: list[str]) -> torch.Tensor:
     pos = torch.arange(100)
     for k, path in enumerate(images):
         t = patch_targets(scenes[int(Path(path).stem)], scene_file["image_size"], 160, 16)
-        out[k, pos, t["color"] * len(AUX_SHAPES) + t["shape"]] = 1.0
+        out[k, pos, t["category"]] = 1.0
         out[k, :, 50:80] = t["chars"]
         out[k, pos, 80 + pos // 10] = 1.0
         out[k, pos, 90 + pos % 10] = 1.0

@@ -550,12 +550,16 @@ def train(s: TrainSettings, log=print) -> dict:
     model, aux, memory = model.to(dev), aux.to(dev), memory.to(dev)
     scene_file = json.loads((Path(s.data) / "scenes" / "train.json").read_text())
     scenes = {sc["image_id"]: sc for sc in scene_file["scenes"]}
+
+    def scene_of(path) -> dict:                    # images are named by their id: <image_id>.png
+        return scenes[int(Path(path).stem)]
+
     geometry = (scene_file["image_size"], model.vision.image_size, model.vision.patch_size)
     image_paths = [p for p, _ in train_convs]
     if resume is None and s.tower_steps > 0:
         log(f"stage 1: the vision tower alone, {s.tower_steps} steps of {s.tower_batch_size} images")
         pretrain_tower(model.vision, aux, image_paths,
-                       lambda p: patch_targets(scenes[int(Path(p).stem)], *geometry), s, log=log)
+                       lambda p: patch_targets(scene_of(p), *geometry), s, log=log)
     if s.freeze_tower:
         model.vision.requires_grad_(False)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -610,7 +614,7 @@ def train(s: TrainSettings, log=print) -> dict:
         rng = random.Random(s.seed * 7919 + step)
         turns = []
         for path, base in picked:
-            extra = extra_questions(scenes[int(Path(path).stem)], rng, s.extra_per_family)
+            extra = extra_questions(scene_of(path), rng, s.extra_per_family)
             both = list(base) + [(q, a) for _, q, a in extra]
             turns.append(rng.sample(both, len(both)))
         ids, labels = (t.to(dev) for t in encoder.batch(turns))
@@ -623,7 +627,7 @@ def train(s: TrainSettings, log=print) -> dict:
         keep = curriculum_tokens_at(step, s, features.shape[1])
         kept = features
         if keep < features.shape[1]:
-            rows = [curriculum_positions(scenes[int(Path(p).stem)], geometry, keep, features.shape[1], rng)
+            rows = [curriculum_positions(scene_of(p), geometry, keep, features.shape[1], rng)
                     for p, _ in picked]
             kept = features[torch.arange(len(rows)).unsqueeze(1), torch.tensor(rows, device=dev)]
         visual = model.projector(kept)
@@ -631,13 +635,13 @@ def train(s: TrainSettings, log=print) -> dict:
         loss, states = answer_loss(model, visual, ids, labels, state_layer=tap)
         nv = visual.shape[1]
         if cached is None:
-            targets = [patch_targets(scenes[int(Path(p).stem)], *geometry) for p, _ in picked]
+            targets = [patch_targets(scene_of(p), *geometry) for p, _ in picked]
             aux_loss = aux.loss(features, stack_targets(targets, dev))
         else:
             aux_loss = torch.zeros(())
         mem_loss = 0.0
         if s.memory_weight or s.turn_memory_weight:
-            mem = stack_targets([memory_targets(scenes[int(Path(p).stem)], *geometry) for p, _ in picked], dev)
+            mem = stack_targets([memory_targets(scene_of(p), *geometry) for p, _ in picked], dev)
         if s.memory_weight:
             mem_loss = s.memory_weight * memory.loss(states[:, :nv], mem)
         if s.turn_memory_weight:
