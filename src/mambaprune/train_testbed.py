@@ -623,7 +623,7 @@ def train(s: TrainSettings, log=print) -> dict:
         if cached is not None:
             features = cached[batch_idx].to(dev, torch.float32)
         else:
-            features = model.vision(model.vision.preprocess([p for p, _ in picked]))
+            features = model.vision(model.vision.preprocess([p for p, _ in picked]).to(dev))
         keep = curriculum_tokens_at(step, s, features.shape[1])
         kept = features
         if keep < features.shape[1]:
