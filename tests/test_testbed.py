@@ -143,6 +143,15 @@ def test_zero_out_proj_init_makes_every_layer_the_identity(tokenizer):
     torch.testing.assert_close(half, 0.5 * lm.backbone.layers[0].mixer.out_proj.weight)
 
 
+def test_embedding_std_sets_the_scale_of_the_tied_embeddings(tokenizer):
+    lm = build_testbed(TINY, tokenizer).lm
+    for std in (0.02, 1.0):
+        init_mamba_(lm, 0, embedding_std=std)
+        w = lm.backbone.embedding.weight
+        assert abs(float(w.std()) - std) < 0.1 * std
+        assert lm.lm_head.weight is w                                   # still tied
+
+
 def test_turn_encoder_labels_only_the_answers(tokenizer):
     enc = TurnEncoder(tokenizer)
     turns = [("What color is the triangle?", "red"), ("What does the sign say?", "K7M")]

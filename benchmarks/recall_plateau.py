@@ -1,0 +1,97 @@
+"""How long a small Mamba stays at chance on a set-membership task, per embedding initialisation.
+
+The task is the skeleton of SynthVQA's ``exist`` family: ten "patch" tokens (five objects drawn from 30 symbols,
+the rest background), then ``<query> q``; the answer, predicted at the last position, is ``yes`` when ``q`` is
+among the ten tokens (half the queries are taken from the objects, so the answer is about balanced). The model
+has to store the set in its state and test the query against it: what the testbed's LM must learn about a whole
+image. Each setting trains a fresh model from the same seed on the same batches (AdamW, lr 3e-3, batch 32) and
+prints the accuracy on 512 held-out sequences every 200 steps, and the first step at which it passed 90%.
+
+Measured here (``--steps 3000 --gru``, 2 layers, d_model 64, d_state 8, 1 thread; ``init_mamba_`` with
+Mamba's A and Δ): embedding std 0.02 (Mamba's init) stays at the base rate (0.60) for all 3000 steps (in
+side experiments also with 4 layers, with the sequential reference scan, and for 6400 steps); embedding std 1
+reaches 0.81 at step 800, passes 90% at step 1600 and 0.98 at 3000. The 2-layer GRU of width 64 passes 90% at
+step 2200. About 50 s per Mamba setting.
+
+    python benchmarks/recall_plateau.py [--steps 3000] [--gru]
+"""
+import argparse
+import time
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from mambaprune.models.mamba_lm import MambaConfig, MambaLM
+from mambaprune.train_testbed import init_mamba_
+
+VOCAB, N_SYMBOLS, N_OBJECTS, YES, NO, QUERY = 40, 30, 5, 32, 33, 34
+
+
+def membership_batch(n: int, length: int, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(tokens (n, length + 2), answer token (n,))``: background 0, objects 1..30, then ``QUERY q``."""
+    x = torch.zeros(n, length, dtype=torch.long)
+    objects = torch.randint(1, N_SYMBOLS + 1, (n, N_OBJECTS), generator=gen)
+    where = torch.stack([torch.randperm(length, generator=gen)[:N_OBJECTS] for _ in range(n)])
+    x.scatter_(1, where, objects)
+    take_object = torch.rand(n, generator=gen) < 0.5
+    q = torch.where(take_object, objects[:, 0], torch.randint(1, N_SYMBOLS + 1, (n,), generator=gen))
+    present = (x == q[:, None]).any(1)
+    seq = torch.cat([x, torch.full((n, 1), QUERY), q[:, None]], 1)
+    return seq, torch.where(present, torch.tensor(YES), torch.tensor(NO))
+
+
+class GRUModel(nn.Module):
+    def __init__(self, width: int = 64):
+        super().__init__()
+        self.embed = nn.Embedding(VOCAB, width)
+        self.rnn = nn.GRU(width, width, 2, batch_first=True)
+        self.head = nn.Linear(width, VOCAB)
+
+    def forward(self, ids):
+        return self.head(self.rnn(self.embed(ids))[0])
+
+
+def run(name: str, model: nn.Module, logits_of, steps: int, length: int) -> None:
+    torch.manual_seed(0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01)
+    gen = torch.Generator().manual_seed(1)
+    held_out = membership_batch(512, length, torch.Generator().manual_seed(99))
+    first_90, t0, accs = None, time.perf_counter(), []
+    for step in range(1, steps + 1):
+        seq, y = membership_batch(32, length, gen)
+        loss = F.cross_entropy(logits_of(model, seq)[:, -1, :VOCAB], y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step % 200 == 0:
+            with torch.no_grad():
+                acc = float((logits_of(model, held_out[0])[:, -1, :VOCAB].argmax(-1) == held_out[1]).float().mean())
+            accs.append(f"{acc:.2f}")
+            if first_90 is None and acc >= 0.9:
+                first_90 = step
+    print(f"{name:<24} first step >= 90%: {first_90 or '-':>5}   accuracy every 200 steps: {' '.join(accs)}"
+          f"   ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+def mamba(embedding_std: float, layers: int) -> MambaLM:
+    torch.manual_seed(0)
+    lm = MambaLM(MambaConfig(d_model=64, n_layer=layers, d_state=8, expand=2, vocab_size=VOCAB))
+    init_mamba_(lm, 0, embedding_std=embedding_std)
+    return lm
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--length", type=int, default=10)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--gru", action="store_true", help="also train the GRU reference")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    lm_logits = lambda m, ids: m(input_ids=ids, return_all_logits=True).logits
+    for std in (0.02, 1.0):
+        run(f"mamba, embedding std {std}", mamba(std, a.layers), lm_logits, a.steps, a.length)
+    if a.gru:
+        torch.manual_seed(0)
+        run("GRU (reference)", GRUModel(), lambda m, ids: m(ids), a.steps, a.length)
