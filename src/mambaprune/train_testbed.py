@@ -109,9 +109,10 @@ def init_mamba_(lm, seed: int, dt_min: float = 1e-3, dt_max: float = 0.1, a_scal
     """Mamba's training initialisation (Gu & Dao 2023, Sec. 3.6 and their reference setup), redrawn here:
     embeddings N(0, ``embedding_std``^2) (0.02 in Mamba); Linear layers PyTorch's default with zero biases;
     ``dt_proj.weight`` uniform in ``±dt_rank^-0.5``; ``dt_proj.bias`` the inverse softplus of Δ drawn
-    log-uniformly in [dt_min, dt_max]; ``A_log = log((1..d_state) / a_scale)`` (S4D-real, ``a_scale = 1`` in Mamba), ``D = 1``; each ``out_proj``
-    scaled by ``1/sqrt(n_layer)`` (pre-norm residual), times ``out_proj_scale`` (0: every layer starts as the
-    identity, so the 16-layer stack starts as shallow as its embeddings and grows its layers as it learns).
+    log-uniformly in [dt_min, dt_max]; ``A_log = log((1..d_state) / a_scale)`` (S4D-real, ``a_scale = 1`` in
+    Mamba), ``D = 1``; each ``out_proj`` scaled by ``1/sqrt(n_layer)`` (pre-norm residual), times
+    ``out_proj_scale`` (0: every layer starts as the identity, so the 16-layer stack starts as shallow as its
+    embeddings and grows its layers as it learns).
 
     The testbed trains with ``a_scale = 64`` and Δ in [0.01, 0.5]: slower decay and larger writes at
     initialisation. With Mamba's defaults the gradient of the last position with respect to a visual token 200
