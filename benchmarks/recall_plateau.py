@@ -31,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from mambaprune.models.mamba_lm import MambaConfig, MambaLM
-from mambaprune.train_testbed import init_mamba_
+from mambaprune.train_testbed import grow_mamba, init_mamba_
 
 VOCAB, N_SYMBOLS, N_OBJECTS, YES, NO, QUERY, QMARK, ANSWER = 40, 30, 5, 32, 33, 34, 35, 36
 
@@ -93,20 +93,6 @@ def mamba(embedding_std: float, layers: int) -> MambaLM:
     return lm
 
 
-def grow(small: MambaLM, n_layer: int) -> MambaLM:
-    """``small`` deepened to ``n_layer`` layers: its embeddings, final norm and layers (at the bottom) copied,
-    the new layers on top initialised by ``init_mamba_`` with ``out_proj`` zero, so they start as the identity
-    and the grown model computes exactly what ``small`` did."""
-    cfg = MambaConfig(**{**small.config.to_dict(), "n_layer": n_layer})
-    big = MambaLM(cfg)
-    init_mamba_(big, 1, out_proj_scale=0.0, embedding_std=1.0)
-    big.backbone.embedding.load_state_dict(small.backbone.embedding.state_dict())
-    big.backbone.norm_f.load_state_dict(small.backbone.norm_f.state_dict())
-    for k, layer in enumerate(small.backbone.layers):
-        big.backbone.layers[k].load_state_dict(layer.state_dict())
-    return big
-
-
 if __name__ == "__main__":
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=3000)
@@ -125,7 +111,7 @@ if __name__ == "__main__":
     for std in (0.02, 1.0):
         trained = run(f"mamba, embedding std {std}", mamba(std, a.layers), lm_logits, a.steps, a.length, a.gap)
     if a.grow_to:
-        big = grow(trained, a.grow_to)
+        big = grow_mamba(trained, a.grow_to, seed=1, embedding_std=1.0)
         with torch.no_grad():
             probe = membership_batch(64, a.length, torch.Generator().manual_seed(7), a.gap)[0]
             same = torch.allclose(lm_logits(big, probe), lm_logits(trained, probe), atol=1e-4)

@@ -19,8 +19,8 @@ from mambaprune.models.testbed import read_testbed_config, save_testbed
 from mambaprune.models.testbed import testbed_prompt as prompt
 from mambaprune.train_testbed import (AUX_SHAPES, IGNORE, AuxHead, TrainSettings, TurnEncoder, add_arguments,
                                       answer_loss, answer_start_positions, conversations, curriculum_positions,
-                                      curriculum_tokens_at, init_mamba_, lr_at, patch_targets, pretrain_tower,
-                                      settings_from_args, standardize_tower, tower_features, train,
+                                      curriculum_tokens_at, grow_mamba, init_mamba_, lr_at, patch_targets,
+                                      pretrain_tower, settings_from_args, standardize_tower, tower_features, train,
                                       visual_rms_penalty, visual_shared_penalty)
 
 TINY = Config(image_size=32, patch_size=8, vision_width=16, vision_layers=1,
@@ -141,6 +141,24 @@ def test_zero_out_proj_init_makes_every_layer_the_identity(tokenizer):
     half = lm.backbone.layers[0].mixer.out_proj.weight.clone()
     init_mamba_(lm, 0)
     torch.testing.assert_close(half, 0.5 * lm.backbone.layers[0].mixer.out_proj.weight)
+
+
+def test_grow_mamba_keeps_the_function_and_adds_identity_layers(tokenizer):
+    small = build_testbed(TINY, tokenizer).lm
+    init_mamba_(small, 0)
+    big = grow_mamba(small, small.config.n_layer + 3, seed=5)
+    assert big.config.n_layer == small.config.n_layer + 3
+    assert all(float(layer.mixer.out_proj.weight.abs().max()) == 0
+               for layer in big.backbone.layers[small.config.n_layer:])
+    ids = torch.tensor([[5, 9, 17, 3, 11, 2, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(big(ids, return_all_logits=True).logits,
+                                   small(ids, return_all_logits=True).logits)
+    # the new layers are trainable: their out_proj gets a gradient although it starts at zero
+    big(ids, return_all_logits=True).logits.square().sum().backward()
+    assert float(big.backbone.layers[-1].mixer.out_proj.weight.grad.abs().max()) > 0
+    with pytest.raises(ValueError, match="below"):
+        grow_mamba(big, 1)
 
 
 def test_embedding_std_sets_the_scale_of_the_tied_embeddings(tokenizer):

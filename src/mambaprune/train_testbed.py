@@ -159,6 +159,29 @@ def init_mamba_(lm, seed: int, dt_min: float = 1e-3, dt_max: float = 0.1, a_scal
             mixer.D.fill_(1.0)
 
 
+def grow_mamba(small, n_layer: int, seed: int = 0, **init):
+    """A deeper copy of the :class:`~mambaprune.models.mamba_lm.MambaLM` ``small``: its config with ``n_layer``
+    layers, its embeddings, final norm and layers copied to the bottom, and the new layers on top drawn by
+    :func:`init_mamba_` (``seed`` and ``init`` as there) with ``out_proj`` zero, so each new layer starts as the
+    identity and the grown model computes exactly what ``small`` did; training on then lets them grow.
+
+    A shallow Mamba leaves the plateau of recall tasks that a 16-layer one does not leave in the same number of
+    steps (``benchmarks/recall_plateau.py --grow-to 16``), so training shallow and growing is a way to a deep
+    model on a small budget."""
+    from .models.mamba_lm import MambaConfig, MambaLM
+
+    k = small.config.n_layer
+    if n_layer < k:
+        raise ValueError(f"grow_mamba: n_layer {n_layer} is below the model's {k} layers")
+    big = MambaLM(MambaConfig.from_dict({**small.config.to_dict(), "n_layer": n_layer}))
+    init_mamba_(big, seed, **{**init, "out_proj_scale": 0.0})
+    big.backbone.embedding.load_state_dict(small.backbone.embedding.state_dict())
+    big.backbone.norm_f.load_state_dict(small.backbone.norm_f.state_dict())
+    for layer, trained in zip(big.backbone.layers, small.backbone.layers):
+        layer.load_state_dict(trained.state_dict())
+    return big.to(device=small.lm_head.weight.device, dtype=small.lm_head.weight.dtype)
+
+
 def conversations(root, split: str) -> list[tuple[str, list[tuple[str, str]]]]:
     """``[(image path, [(question, answer), ...])]``: the questions of each image of ``split``, with the most
     common reference answer (the 10 VQAv2 answers agree on SynthVQA). Codes are taught as drawn, in capitals
