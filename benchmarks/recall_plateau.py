@@ -111,7 +111,7 @@ if __name__ == "__main__":
     for std in (0.02, 1.0):
         trained = run(f"mamba, embedding std {std}", mamba(std, a.layers), lm_logits, a.steps, a.length, a.gap)
     if a.grow_to:
-        big = grow_mamba(trained, a.grow_to, seed=1, embedding_std=1.0)
+        big = grow_mamba(trained, a.grow_to, seed=1)
         with torch.no_grad():
             probe = membership_batch(64, a.length, torch.Generator().manual_seed(7), a.gap)[0]
             same = torch.allclose(lm_logits(big, probe), lm_logits(trained, probe), atol=1e-4)

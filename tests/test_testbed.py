@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -20,8 +21,8 @@ from mambaprune.models.testbed import testbed_prompt as prompt
 from mambaprune.train_testbed import (AUX_SHAPES, IGNORE, AuxHead, TrainSettings, TurnEncoder, add_arguments,
                                       answer_loss, answer_start_positions, conversations, curriculum_positions,
                                       curriculum_tokens_at, grow_mamba, init_mamba_, lr_at, patch_targets,
-                                      pretrain_tower, settings_from_args, standardize_tower, tower_features, train,
-                                      visual_rms_penalty, visual_shared_penalty)
+                                      pretrain_tower, settings_from_args, stack_targets, standardize_tower,
+                                      tower_features, train, visual_rms_penalty, visual_shared_penalty)
 
 TINY = Config(image_size=32, patch_size=8, vision_width=16, vision_layers=1,
                      projector_hidden=32, d_model=16, n_layer=2, d_state=4, vocab_size=320)
@@ -277,12 +278,12 @@ def test_stage_one_lowers_the_patch_loss_and_cached_features_equal_the_tower(syn
     scenes = {sc["image_id"]: sc for sc in scenes_file["scenes"]}
     paths = [p for p, _ in conversations(synth_small, "train")]
     def targets_of(p):
-        return patch_targets(scenes[int(p.rsplit("/", 1)[1].split(".")[0])], scenes_file["image_size"],
-                             tower.image_size, tower.patch_size)
+        return patch_targets(scenes[int(Path(p).stem)], scenes_file["image_size"], tower.image_size,
+                             tower.patch_size)
     def patch_loss():
         t = [targets_of(p) for p in paths]
         with torch.no_grad():
-            return aux.loss(tower(tower.preprocess(paths)), {k: torch.stack([x[k] for x in t]) for k in t[0]})
+            return aux.loss(tower(tower.preprocess(paths)), stack_targets(t, "cpu"))
     before = patch_loss()
     s = TrainSettings(data="", out="", tower_steps=30, tower_batch_size=6, warmup=1, tower_lr=1e-2)
     pretrain_tower(tower, aux, paths, targets_of, s, log=lambda m: None)

@@ -55,6 +55,7 @@ from .data.readers import load_dataset
 from .data.synthvqa import (CATEGORIES as CATEGORY_NAMES, CODE_ALPHABET, COLORS, FAMILIES, GLYPH_H, GLYPH_W,
                              SHAPES, SIZES, extra_questions)
 from .eval.evaluate import answer_samples, score_samples
+from .models.mamba_lm import MambaConfig, MambaLM
 from .models.testbed import (TestbedConfig, build_testbed, build_tokenizer, save_testbed, testbed_prompt)
 
 IGNORE = -100
@@ -168,8 +169,6 @@ def grow_mamba(small, n_layer: int, seed: int = 0, **init):
     A shallow Mamba leaves the plateau of recall tasks that a 16-layer one does not leave in the same number of
     steps (``benchmarks/recall_plateau.py --grow-to 16``), so training shallow and growing is a way to a deep
     model on a small budget."""
-    from .models.mamba_lm import MambaConfig, MambaLM
-
     k = small.config.n_layer
     if n_layer < k:
         raise ValueError(f"grow_mamba: n_layer {n_layer} is below the model's {k} layers")
