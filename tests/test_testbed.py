@@ -20,7 +20,7 @@ from mambaprune.models.testbed import read_testbed_config, save_testbed
 from mambaprune.models.testbed import testbed_prompt as prompt
 from mambaprune.train_testbed import (AUX_SHAPES, IGNORE, AuxHead, TrainSettings, TurnEncoder, add_arguments,
                                       answer_loss, answer_start_positions, conversations, curriculum_positions,
-                                      curriculum_tokens_at, grow_mamba, init_mamba_, lr_at, patch_targets,
+                                      curriculum_tokens_at, grow_mamba, grow_step, init_mamba_, lr_at, phase_lr, patch_targets,
                                       pretrain_tower, settings_from_args, stack_targets, standardize_tower,
                                       tower_features, train, visual_rms_penalty, visual_shared_penalty)
 
@@ -358,6 +358,47 @@ def test_training_runs_resumes_and_writes_a_loadable_testbed(synth_small, tmp_pa
     second = load_testbed(tmp_path)
     assert second.tokenizer.get_vocab() == first.tokenizer.get_vocab()
     assert not torch.equal(first.lm.backbone.embedding.weight, second.lm.backbone.embedding.weight)
+
+
+def test_grown_training_deepens_at_its_step_and_resumes_across_the_growth(synth_small, tmp_path):
+    """grow_from=1 on a 3-layer LM, growth at step 2 of 4. A run stopped right after the step-2 checkpoint
+    (still shallow) and started again ends with exactly the weights of an uninterrupted run."""
+    deep = Config(**{**TINY.__dict__, "n_layer": 3})
+    s = TrainSettings(data=str(synth_small), out=str(tmp_path / "whole"), steps=4, batch_size=2, warmup=1,
+                      eval_every=2, eval_per_family=1, test_per_family=1, grow_from=1, grow_at=0.5, model=deep)
+    assert grow_step(s) == 2
+    train(s, log=lambda m: None)
+    rows = [json.loads(l) for l in (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["n_layer"]) for r in rows] == [(2, 1), (4, 3)]
+    whole = load_testbed(tmp_path / "whole")
+    assert whole.lm.config.n_layer == 3
+
+    class Stop(Exception):
+        pass
+
+    def stop_at_two(message):
+        if message.startswith("{") and json.loads(message)["step"] == 2:
+            raise Stop
+
+    cut = TrainSettings(**{**s.__dict__, "out": str(tmp_path / "cut")})
+    with pytest.raises(Stop):
+        train(cut, log=stop_at_two)
+    train(cut, log=lambda m: None)
+    resumed = load_testbed(tmp_path / "cut")
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="grow_from 3"):
+        train(TrainSettings(**{**s.__dict__, "grow_from": 3}))
+
+
+def test_phase_lr_restarts_the_schedule_at_the_growth_step():
+    s = TrainSettings(data="", out="", steps=100, warmup=10, lr=1.0, min_lr_ratio=0.0, grow_from=2, grow_at=0.4)
+    assert [phase_lr(i, s) for i in (0, 9)] == [0.1, 1.0]
+    assert phase_lr(39, s) == pytest.approx(0.5 * (1 + math.cos(math.pi * 29 / 30)))
+    assert [phase_lr(i, s) for i in (40, 49)] == [0.1, 1.0]          # a second warm-up from step 40
+    assert phase_lr(99, s) == pytest.approx(0.5 * (1 + math.cos(math.pi * 49 / 50)))
+    plain = TrainSettings(data="", out="", steps=100, warmup=10, lr=1.0)
+    assert grow_step(plain) is None and phase_lr(55, plain) == lr_at(55, plain)
 
 
 def test_two_stage_training_keeps_the_stage_one_tower(synth_small, tmp_path, monkeypatch):

@@ -24,6 +24,11 @@ features of every training image once (:func:`tower_features`), optionally stand
 (``standardize``, :func:`standardize_tower`: the per-position mean of the training images is subtracted and
 each channel scaled, inside the tower, so the background every image shares is zero), and trains only the
 projector and the LM on them. Without these options everything is trained jointly (tower, projector, LM).
+Grown depth (``grow_from > 0``): the LM is built with ``grow_from`` layers, trained alone for the first
+``grow_at`` of the steps, then deepened to ``n_layer`` with :func:`grow_mamba` (the new layers on top start as the
+identity) and trained on; the learning rate warms up and decays once per phase (:func:`phase_lr`), the AdamW
+moments of the carried-over parameters are kept, and ``memory_layer`` is taken modulo the current depth. A
+shallow Mamba leaves the plateau of recall tasks far sooner than a 16-layer one (``benchmarks/recall_plateau.py``).
 An optional token curriculum (``token_curriculum``, :func:`curriculum_positions`) trains first on the content
 patches of each image only and grows the visual sequence to the full grid. AdamW, linear warm-up then cosine
 decay, gradient clipping, fp32. Every ``eval_every`` steps the model answers ``eval_per_family`` validation
@@ -44,7 +49,7 @@ import math
 import random
 import time
 from collections import Counter, defaultdict
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -102,6 +107,8 @@ class TrainSettings:
     standardize: bool = False
     token_curriculum: float = 0.0
     curriculum_tokens: int = 16
+    grow_from: int = 0
+    grow_at: float = 0.5
     model: TestbedConfig = field(default_factory=TestbedConfig)
 
 
@@ -500,6 +507,26 @@ def lr_at(step: int, s: TrainSettings, peak: float | None = None, total: int | N
     return peak * (s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def grow_step(s: TrainSettings) -> int | None:
+    """The step at which a grown run (``grow_from > 0``) deepens its LM from ``grow_from`` to
+    ``model.n_layer`` layers: ``round(grow_at * steps)``; None when the run does not grow."""
+    if not s.grow_from:
+        return None
+    return round(s.grow_at * s.steps)
+
+
+def phase_lr(step: int, s: TrainSettings) -> float:
+    """The learning rate at ``step``: :func:`lr_at` over the whole run, or, in a grown run, one warm-up and
+    cosine decay over the shallow phase ``[0, grow_step)`` and another over the deep phase after it (the new
+    layers start from zero and need the full rate to grow)."""
+    g = grow_step(s)
+    if g is None:
+        return lr_at(step, s)
+    if step < g:
+        return lr_at(step, s, total=g)
+    return lr_at(step - g, s, total=s.steps - g)
+
+
 def family_subset(samples, per_family: int | None):
     """The first ``per_family`` samples of each family (all when None)."""
     if per_family is None:
@@ -545,12 +572,41 @@ def plot_curves(log_path, out_path) -> None:
     plt.close(fig)
 
 
+def trainable_and_optimizer(model, aux, memory, s: TrainSettings, carry: dict | None = None):
+    """``(named, opt)``: the trained parameters (name, tensor) and their AdamW (no weight decay on
+    embeddings, norms and biases). ``carry`` maps a parameter name to its AdamW state in an earlier optimizer;
+    a parameter found there with the same shape keeps its moments (at growth: the lower layers, the
+    embeddings, the projector and the read-out heads)."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not s.freeze_tower:
+        named += list(aux.named_parameters(prefix="aux"))
+    named += list(memory.named_parameters(prefix="memory"))
+    decay = [p for n, p in named if p.dim() >= 2 and "embedding" not in n]
+    no_decay = [p for n, p in named if not (p.dim() >= 2 and "embedding" not in n)]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.98))
+    for n, p in named:
+        state = (carry or {}).get(n)
+        if state and state["exp_avg"].shape == p.shape:
+            opt.state[p] = {k: v.clone() for k, v in state.items()}
+    return named, opt
+
+
+def optimizer_state_by_name(named, opt) -> dict:
+    """The AdamW state of each parameter in ``named``, by name (for :func:`trainable_and_optimizer`)."""
+    return {n: opt.state[p] for n, p in named if p in opt.state}
+
+
 def train(s: TrainSettings, log=print) -> dict:
     """Run (or resume) a training run; returns the final ``info`` dict saved with the model."""
     if s.token_curriculum and s.memory_weight:
         raise ValueError("memory_weight reads every visual position; it cannot be combined with token_curriculum")
     if s.standardize and not s.freeze_tower:
         raise ValueError("standardize sets the tower's feature statistics once; it needs freeze_tower")
+    if s.grow_from and not 0 < s.grow_from < s.model.n_layer:
+        raise ValueError(f"grow_from {s.grow_from} must be between 1 and n_layer - 1 = {s.model.n_layer - 1}")
+    if s.grow_from and not 0 < s.grow_at < 1:
+        raise ValueError(f"grow_at {s.grow_at} must be a fraction of the steps in (0, 1)")
     if s.threads:
         torch.set_num_threads(s.threads)
     out = Path(s.out)
@@ -570,9 +626,15 @@ def train(s: TrainSettings, log=print) -> dict:
         tokenizer = build_tokenizer(texts, vocab_size=s.model.vocab_size)
         tokenizer.save_pretrained(str(out / "tokenizer"))
     torch.manual_seed(s.seed)
-    model = build_testbed(s.model, tokenizer)
-    init_mamba_(model.lm, s.seed, dt_min=s.dt_min, dt_max=s.dt_max, a_scale=s.a_init_scale,
-                difference_conv=s.difference_conv, out_proj_scale=s.out_proj_init, embedding_std=s.embedding_std)
+    init = dict(dt_min=s.dt_min, dt_max=s.dt_max, a_scale=s.a_init_scale, difference_conv=s.difference_conv,
+                embedding_std=s.embedding_std)
+    grow_at_step = grow_step(s)
+    # a grown run starts shallow; resumed, it has the depth of its checkpoint
+    depth = s.grow_from if grow_at_step is not None else s.model.n_layer
+    if resume is not None:
+        depth = 1 + max(int(k.split(".")[3]) for k in resume["model"] if k.startswith("lm.backbone.layers."))
+    model = build_testbed(replace(s.model, n_layer=depth), tokenizer)
+    init_mamba_(model.lm, s.seed, out_proj_scale=s.out_proj_init, **init)
     aux = AuxHead(model.vision.dim)
     memory = MemoryHead(model.lm.config.d_model)
     dev = torch.device(s.device)
@@ -591,14 +653,7 @@ def train(s: TrainSettings, log=print) -> dict:
                        lambda p: patch_targets(scene_of(p), *geometry), s, log=log)
     if s.freeze_tower:
         model.vision.requires_grad_(False)
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    if not s.freeze_tower:
-        named += list(aux.named_parameters(prefix="aux"))
-    named += list(memory.named_parameters(prefix="memory"))
-    decay = [p for n, p in named if p.dim() >= 2 and "embedding" not in n]
-    no_decay = [p for n, p in named if not (p.dim() >= 2 and "embedding" not in n)]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=s.lr, betas=(0.9, 0.98))
+    named, opt = trainable_and_optimizer(model, aux, memory, s)
     step, elapsed = 0, 0.0
     if resume is not None:
         model.load_state_dict(resume["model"])
@@ -647,8 +702,14 @@ def train(s: TrainSettings, log=print) -> dict:
             both = list(base) + [(q, a) for _, q, a in extra]
             turns.append(rng.sample(both, len(both)))
         ids, labels = (t.to(dev) for t in encoder.batch(turns))
+        if step == grow_at_step and model.lm.config.n_layer < s.model.n_layer:
+            carry = optimizer_state_by_name(named, opt)
+            model.lm = grow_mamba(model.lm, s.model.n_layer, seed=s.seed + 1, **init)
+            named, opt = trainable_and_optimizer(model, aux, memory, s, carry)
+            log(f"step {step}: grown from {s.grow_from} to {s.model.n_layer} layers "
+                f"(new layers start as the identity)")
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, s)
+            group["lr"] = phase_lr(step, s)
         if cached is not None:
             features = cached[batch_idx].to(dev, torch.float32)
         else:
@@ -687,10 +748,11 @@ def train(s: TrainSettings, log=print) -> dict:
         opt.step()
         step += 1
         running.append((loss.item(), aux_loss.item(), mem_loss.item() if torch.is_tensor(mem_loss) else mem_loss))
-        if step % 10 == 0 or step == s.steps:
+        if step % 10 == 0 or step % s.eval_every == 0 or step == s.steps:
             row = {"step": step, "loss": sum(r[0] for r in running) / len(running),
                    "aux_loss": sum(r[1] for r in running) / len(running),
-                   "memory_loss": sum(r[2] for r in running) / len(running), "lr": lr_at(step - 1, s),
+                   "memory_loss": sum(r[2] for r in running) / len(running), "lr": phase_lr(step - 1, s),
+                   "n_layer": model.lm.config.n_layer,
                    "grad_norm": float(grad_norm), "visual_tokens": keep,
                    "elapsed_s": round(time.perf_counter() - t0, 1)}
             running = []
@@ -710,7 +772,7 @@ def train(s: TrainSettings, log=print) -> dict:
             "steps_done": step, "train_minutes": round((time.perf_counter() - t0) / 60, 1),
             "train_images": len(train_convs), "test_questions_per_family": len(test) // len(FAMILIES),
             "test_accuracy": test_acc, "parameters": n_params}
-    save_testbed(model, s.model, out, info=info)
+    save_testbed(model, replace(s.model, n_layer=model.lm.config.n_layer), out, info=info)   # stopped early: shallow
     plot_curves(log_path, out / "curves.png")
     log(f"test accuracy: {json.dumps(test_acc)}")
     return info
@@ -722,12 +784,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="where the testbed folder (and last.pt, to resume) goes")
     for name in ("steps", "batch_size", "warmup", "seed", "eval_every", "eval_per_family", "test_per_family",
                  "threads", "extra_per_family", "memory_layer", "tower_steps", "tower_batch_size",
-                 "curriculum_tokens"):
+                 "curriculum_tokens", "grow_from"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "memory_weight",
                  "turn_memory_weight", "a_init_scale",
                  "visual_rms_weight", "visual_shared_weight", "dt_min", "dt_max", "max_minutes", "tower_lr",
-                 "out_proj_init", "token_curriculum", "embedding_std"):
+                 "out_proj_init", "token_curriculum", "embedding_std", "grow_at"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     for name in ("d_model", "n_layer", "d_state", "expand"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d.model, name),
