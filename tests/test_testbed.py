@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from mambaprune.data.readers import Sample, load_dataset
-from mambaprune.data.synthvqa import FAMILIES, SynthConfig, generate_synthvqa
+from mambaprune.data.synthvqa import CODE_ALPHABET, FAMILIES, SynthConfig, generate_synthvqa
 from mambaprune.eval.evaluate import answer_samples, score_samples
 from mambaprune.models import load_model
 from mambaprune.models.checkpoints import CheckpointError
@@ -268,6 +268,19 @@ def test_patch_targets_by_hand():
     assert t["size"][24] == 2                                      # ("none", "small", "large")
     assert (t["category"] > 0).sum() == 1 and (t["size"] > 0).sum() == 1
     assert t["chars"].sum() == 2 and t["chars"][:, 0].sum() == 1 and t["chars"][:, 1].sum() == 1
+    # glyph centres x = 10 + 2 * (2.5, 8.5) -> 15, 27 px, y = 150 + 2 * 3.5 = 157 px (glyphs 5 x 7, one apart):
+    # at 160 / 224 both fall in patch row 7, col 0 and col 1 -> patches 70 and 71, "A" (index 0) then "B"
+    assert t["char_order"][70].tolist() == [1, 0, 0] and t["char_order"][71].tolist() == [2, 0, 0]
+    assert (t["row"][[24, 70, 71]].tolist(), t["col"][[24, 70, 71]].tolist()) == ([3, 8, 8], [5, 1, 2])
+    assert int((t["row"] > 0).sum()) == 3 and int((t["col"] > 0).sum()) == 3
+
+
+def test_patch_targets_keep_the_reading_order_of_characters_sharing_a_patch():
+    # both glyph centres (x = 2 + 2 * (2.5, 8.5) = 7, 19 px -> 5, 13.6 px at 160) fall in patch 0
+    scene = {"objects": [], "code": "ZA", "sign": {"text_origin": [2, 2], "scale": 2}}
+    t = patch_targets(scene, 224, 160, 16)
+    assert t["char_order"][0].tolist() == [CODE_ALPHABET.index("Z") + 1, CODE_ALPHABET.index("A") + 1, 0]
+    assert (t["char_order"][1:] == 0).all() and t["chars"][0].sum() == 2
 
 
 def test_stage_one_lowers_the_patch_loss_and_cached_features_equal_the_tower(synth_small):

@@ -205,6 +205,7 @@ def conversations(root, split: str) -> list[tuple[str, list[tuple[str, str]]]]:
 AUX_COLORS = ("none",) + tuple(COLORS)
 AUX_SHAPES = ("none",) + SHAPES
 AUX_SIZES = ("none",) + SIZES
+CHAR_SLOTS = 3            # characters of a sign one patch can hold, in reading order (patch_targets)
 
 
 def scene_patches(scene: dict, scene_size: int, image_size: int, patch_size: int) -> tuple[list[int], list[int]]:
@@ -225,22 +226,37 @@ def scene_patches(scene: dict, scene_size: int, image_size: int, patch_size: int
 
 def patch_targets(scene: dict, scene_size: int, image_size: int, patch_size: int) -> dict[str, torch.Tensor]:
     """Per-patch targets of the auxiliary loss, read from a SynthVQA scene description: the colour and shape of
-    the object whose centre lies in the patch (class 0 where none does) and the set of code characters whose
-    centre lies in it. Coordinates are scaled from the scene's ``scene_size`` to the tower's ``image_size``."""
-    n = (image_size // patch_size) ** 2
+    the object whose centre lies in the patch (class 0 where none does), the set of code characters whose
+    centre lies in it (``chars``, multi-hot), the same characters in reading order (``char_order``: slot k is
+    the k-th of them from the left, ``CODE_ALPHABET`` index + 1, 0 when there is none; at 160 px two of a
+    sign's three characters usually share a patch, and the set alone loses their order), and for a patch
+    holding any centre its grid ``row`` and ``col`` + 1 (0 elsewhere: the standardised features of the
+    language model's input keep only what differs between images, so a content token must say where it is).
+    Coordinates are scaled from the scene's ``scene_size`` to the tower's ``image_size``."""
+    g = image_size // patch_size
+    n = g * g
     color = torch.zeros(n, dtype=torch.long)
     shape = torch.zeros(n, dtype=torch.long)
     size = torch.zeros(n, dtype=torch.long)
     chars = torch.zeros(n, len(CODE_ALPHABET))
+    char_order = torch.zeros(n, CHAR_SLOTS, dtype=torch.long)
     object_patches, char_patches = scene_patches(scene, scene_size, image_size, patch_size)
     for obj, p in zip(scene["objects"], object_patches):
         color[p] = AUX_COLORS.index(obj["color"])
         shape[p] = AUX_SHAPES.index(obj["shape"])
         size[p] = AUX_SIZES.index(obj["size"])
-    for ch, p in zip(scene["code"], char_patches):
+    filled: Counter = Counter()
+    for ch, p in zip(scene["code"], char_patches):          # the characters come left to right
         chars[p, CODE_ALPHABET.index(ch)] = 1.0
+        if filled[p] < CHAR_SLOTS:
+            char_order[p, filled[p]] = CODE_ALPHABET.index(ch) + 1
+        filled[p] += 1
+    content = torch.zeros(n, dtype=torch.bool)
+    content[list(object_patches) + list(char_patches)] = True
+    index = torch.arange(n)
     return {"color": color, "shape": shape, "category": color * len(AUX_SHAPES) + shape, "size": size,
-            "chars": chars}
+            "chars": chars, "char_order": char_order,
+            "row": torch.where(content, index // g + 1, 0), "col": torch.where(content, index % g + 1, 0)}
 
 
 def stack_targets(rows: list[dict[str, torch.Tensor]], device) -> dict[str, torch.Tensor]:
@@ -252,18 +268,22 @@ class AuxHead(nn.Module):
     """A linear read-out of the vision tower's patch features used only in training (not shipped): it makes the
     tower encode what each patch holds early, which the language model then learns to use far sooner."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, grid: int = 10):
         super().__init__()
         self.sizes = (len(AUX_COLORS), len(AUX_SHAPES), len(AUX_COLORS) * len(AUX_SHAPES), len(AUX_SIZES),
-                      len(CODE_ALPHABET))
+                      len(CODE_ALPHABET), CHAR_SLOTS * (len(CODE_ALPHABET) + 1), grid + 1, grid + 1)
         self.proj = nn.Linear(dim, sum(self.sizes))
 
     def loss(self, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Cross-entropy of every class target of :func:`patch_targets` plus the multi-hot characters'."""
         # read from layer-normalised features: the read-out gives the tower no reason to grow its features
         features = F.layer_norm(features.float(), features.shape[-1:])
-        color, shape, category, size, chars = self.proj(features).split(self.sizes, dim=-1)
+        color, shape, category, size, chars, order, row, col = self.proj(features).split(self.sizes, dim=-1)
         ce = sum(F.cross_entropy(logits.flatten(0, 1), targets[k].flatten())
-                 for k, logits in (("color", color), ("shape", shape), ("category", category), ("size", size)))
+                 for k, logits in (("color", color), ("shape", shape), ("category", category), ("size", size),
+                                   ("row", row), ("col", col)))
+        order = order.reshape(*order.shape[:2], CHAR_SLOTS, -1)
+        ce = ce + F.cross_entropy(order.flatten(0, 2), targets["char_order"].flatten()) * CHAR_SLOTS
         return ce + F.binary_cross_entropy_with_logits(chars, targets["chars"]) * len(CODE_ALPHABET)
 
 
