@@ -20,7 +20,7 @@ from mambaprune.models.testbed import read_testbed_config, save_testbed
 from mambaprune.models.testbed import testbed_prompt as prompt
 from mambaprune.train_testbed import (AUX_SHAPES, IGNORE, AuxHead, TrainSettings, TurnEncoder, add_arguments,
                                       answer_loss, answer_start_positions, conversations, curriculum_positions,
-                                      curriculum_tokens_at, grow_mamba, grow_step, init_mamba_, lr_at, phase_lr, patch_targets,
+                                      curriculum_tokens_at, grow_mamba, grow_step, rename_layer, spread_positions, init_mamba_, lr_at, phase_lr, patch_targets,
                                       pretrain_tower, settings_from_args, stack_targets, standardize_tower,
                                       tower_features, train, visual_rms_penalty, visual_shared_penalty)
 
@@ -160,6 +160,28 @@ def test_grow_mamba_keeps_the_function_and_adds_identity_layers(tokenizer):
     assert float(big.backbone.layers[-1].mixer.out_proj.weight.grad.abs().max()) > 0
     with pytest.raises(ValueError, match="below"):
         grow_mamba(big, 1)
+
+
+def test_grow_mamba_spread_puts_the_trained_layers_at_the_given_depths(tokenizer):
+    small = build_testbed(TINY, tokenizer).lm
+    init_mamba_(small, 0)
+    assert spread_positions(2, 16) == [0, 8] and spread_positions(4, 16) == [0, 4, 8, 12]
+    big = grow_mamba(small, 5, seed=5, positions=[1, 3])
+    for i in range(5):
+        if i in (1, 3):
+            trained = small.backbone.layers[(1, 3).index(i)].state_dict()
+            assert all(torch.equal(v, trained[k]) for k, v in big.backbone.layers[i].state_dict().items())
+        else:
+            assert float(big.backbone.layers[i].mixer.out_proj.weight.detach().abs().max()) == 0
+    ids = torch.tensor([[5, 9, 17, 3, 11, 2, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(big(ids, return_all_logits=True).logits,
+                                   small(ids, return_all_logits=True).logits)
+    for bad in ([3, 1], [0, 5], [2, 2], [0]):
+        with pytest.raises(ValueError, match="increasing layer indices"):
+            grow_mamba(small, 5, positions=bad)
+    assert rename_layer("lm.backbone.layers.1.mixer.D", {0: 0, 1: 8}) == "lm.backbone.layers.8.mixer.D"
+    assert rename_layer("projector.fc1.weight", {1: 8}) == "projector.fc1.weight"
 
 
 def test_embedding_std_sets_the_scale_of_the_tied_embeddings(tokenizer):
@@ -373,18 +395,20 @@ def test_training_runs_resumes_and_writes_a_loadable_testbed(synth_small, tmp_pa
     assert not torch.equal(first.lm.backbone.embedding.weight, second.lm.backbone.embedding.weight)
 
 
-def test_grown_training_deepens_at_its_step_and_resumes_across_the_growth(synth_small, tmp_path):
-    """grow_from=1 on a 3-layer LM, growth at step 2 of 4. A run stopped right after the step-2 checkpoint
+@pytest.mark.parametrize("spread", [False, True])
+def test_grown_training_deepens_at_its_step_and_resumes_across_the_growth(synth_small, tmp_path, spread):
+    """grow_from=2 on a 4-layer LM (spread: the trained layers go to 0 and 2), growth at step 2 of 4. A run stopped right after the step-2 checkpoint
     (still shallow) and started again ends with exactly the weights of an uninterrupted run."""
-    deep = Config(**{**TINY.__dict__, "n_layer": 3})
+    deep = Config(**{**TINY.__dict__, "n_layer": 4})
     s = TrainSettings(data=str(synth_small), out=str(tmp_path / "whole"), steps=4, batch_size=2, warmup=1,
-                      eval_every=2, eval_per_family=1, test_per_family=1, grow_from=1, grow_at=0.5, model=deep)
+                      eval_every=2, eval_per_family=1, test_per_family=1, grow_from=2, grow_at=0.5, model=deep,
+                      grow_spread=spread)
     assert grow_step(s) == 2
     train(s, log=lambda m: None)
     rows = [json.loads(l) for l in (tmp_path / "whole" / "train_log.jsonl").read_text().splitlines()]
-    assert [(r["step"], r["n_layer"]) for r in rows] == [(2, 1), (4, 3)]
+    assert [(r["step"], r["n_layer"]) for r in rows] == [(2, 2), (4, 4)]
     whole = load_testbed(tmp_path / "whole")
-    assert whole.lm.config.n_layer == 3
+    assert whole.lm.config.n_layer == 4
 
     class Stop(Exception):
         pass
@@ -400,8 +424,8 @@ def test_grown_training_deepens_at_its_step_and_resumes_across_the_growth(synth_
     resumed = load_testbed(tmp_path / "cut")
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
-    with pytest.raises(ValueError, match="grow_from 3"):
-        train(TrainSettings(**{**s.__dict__, "grow_from": 3}))
+    with pytest.raises(ValueError, match="grow_from 4"):
+        train(TrainSettings(**{**s.__dict__, "grow_from": 4}))
 
 
 def test_phase_lr_restarts_the_schedule_at_the_growth_step():

@@ -109,6 +109,7 @@ class TrainSettings:
     curriculum_tokens: int = 16
     grow_from: int = 0
     grow_at: float = 0.5
+    grow_spread: bool = False
     model: TestbedConfig = field(default_factory=TestbedConfig)
 
 
@@ -167,11 +168,19 @@ def init_mamba_(lm, seed: int, dt_min: float = 1e-3, dt_max: float = 0.1, a_scal
             mixer.D.fill_(1.0)
 
 
-def grow_mamba(small, n_layer: int, seed: int = 0, **init):
+def spread_positions(k: int, n_layer: int) -> list[int]:
+    """Where :func:`grow_mamba` puts ``k`` trained layers in ``n_layer`` when they are spread evenly:
+    ``round(i * n_layer / k)`` (2 -> 16: layers 0 and 8; 4 -> 16: 0, 4, 8, 12)."""
+    return [round(i * n_layer / k) for i in range(k)]
+
+
+def grow_mamba(small, n_layer: int, seed: int = 0, positions: list[int] | None = None, **init):
     """A deeper copy of the :class:`~mambaprune.models.mamba_lm.MambaLM` ``small``: its config with ``n_layer``
-    layers, its embeddings, final norm and layers copied to the bottom, and the new layers on top drawn by
-    :func:`init_mamba_` (``seed`` and ``init`` as there) with ``out_proj`` zero, so each new layer starts as the
-    identity and the grown model computes exactly what ``small`` did; training on then lets them grow.
+    layers, its embeddings and final norm, its layers at ``positions`` (increasing; default the bottom,
+    ``0 .. k-1``), and new layers everywhere else drawn by :func:`init_mamba_` (``seed`` and ``init`` as there)
+    with ``out_proj`` zero, so each new layer starts as the identity and the grown model computes exactly what
+    ``small`` did; training on then lets them grow. Spread positions (:func:`spread_positions`) leave the
+    trained layers' work at several depths instead of all at the bottom.
 
     A shallow Mamba leaves the plateau of recall tasks that a 16-layer one does not leave in the same number of
     steps (``benchmarks/recall_plateau.py --grow-to 16``), so training shallow and growing is a way to a deep
@@ -183,8 +192,11 @@ def grow_mamba(small, n_layer: int, seed: int = 0, **init):
     init_mamba_(big, seed, **{**init, "out_proj_scale": 0.0})
     big.backbone.embedding.load_state_dict(small.backbone.embedding.state_dict())
     big.backbone.norm_f.load_state_dict(small.backbone.norm_f.state_dict())
-    for layer, trained in zip(big.backbone.layers, small.backbone.layers):
-        layer.load_state_dict(trained.state_dict())
+    positions = list(range(k)) if positions is None else list(positions)
+    if len(positions) != k or positions != sorted(set(positions)) or not 0 <= positions[0] <= positions[-1] < n_layer:
+        raise ValueError(f"grow_mamba: positions {positions} must be {k} increasing layer indices below {n_layer}")
+    for i, trained in zip(positions, small.backbone.layers):
+        big.backbone.layers[i].load_state_dict(trained.state_dict())
     return big.to(device=small.lm_head.weight.device, dtype=small.lm_head.weight.dtype)
 
 
@@ -612,6 +624,16 @@ def trainable_and_optimizer(model, aux, memory, s: TrainSettings, carry: dict | 
     return named, opt
 
 
+def rename_layer(name: str, moved: dict[int, int]) -> str:
+    """``name`` of a parameter of layer ``i`` of the LM (``lm.backbone.layers.i.``) renamed to layer
+    ``moved[i]``; other names unchanged."""
+    head = "lm.backbone.layers."
+    if not name.startswith(head):
+        return name
+    i, rest = name[len(head):].split(".", 1)
+    return f"{head}{moved.get(int(i), int(i))}.{rest}"
+
+
 def optimizer_state_by_name(named, opt) -> dict:
     """The AdamW state of each parameter in ``named``, by name (for :func:`trainable_and_optimizer`)."""
     return {n: opt.state[p] for n, p in named if p in opt.state}
@@ -724,9 +746,13 @@ def train(s: TrainSettings, log=print) -> dict:
         ids, labels = (t.to(dev) for t in encoder.batch(turns))
         if step == grow_at_step and model.lm.config.n_layer < s.model.n_layer:
             carry = optimizer_state_by_name(named, opt)
-            model.lm = grow_mamba(model.lm, s.model.n_layer, seed=s.seed + 1, **init)
+            k = model.lm.config.n_layer
+            at = spread_positions(k, s.model.n_layer) if s.grow_spread else list(range(k))
+            model.lm = grow_mamba(model.lm, s.model.n_layer, seed=s.seed + 1, positions=at, **init)
+            # the trained layers keep their names' order, so their AdamW moments follow them
+            carry = {rename_layer(n, dict(enumerate(at))): v for n, v in carry.items()}
             named, opt = trainable_and_optimizer(model, aux, memory, s, carry)
-            log(f"step {step}: grown from {s.grow_from} to {s.model.n_layer} layers "
+            log(f"step {step}: grown from {k} to {s.model.n_layer} layers, the trained ones at {at} "
                 f"(new layers start as the identity)")
         for group in opt.param_groups:
             group["lr"] = phase_lr(step, s)
@@ -822,6 +848,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "std of the training images) so that the shared background is zero")
     p.add_argument("--freeze-tower", action=argparse.BooleanOptionalAction, default=d.freeze_tower,
                    help="stage 2 trains only the projector and the LM, on the tower's cached features")
+    p.add_argument("--grow-spread", action=argparse.BooleanOptionalAction, default=d.grow_spread,
+                   help="with --grow-from: put the trained layers at evenly spread depths (2 -> 16: layers 0 "
+                        "and 8) instead of at the bottom")
     p.add_argument("--difference-conv", action=argparse.BooleanOptionalAction, default=d.difference_conv,
                    help="initialise each conv1d as x_t = u_t - u_{t-1} (default: on)")
 
