@@ -493,7 +493,35 @@ def test_shipped_testbed_loads_by_name_and_has_the_promised_shape():
     assert not model.training
 
 
+#: the families the shipped testbed answers from the image; on spatial and read it is at chance (README, "The
+#: testbed model": what was tried), so the every-family test below is an expected failure until a model that
+#: passes it ships
+READS_THE_IMAGE = ("attr", "exist", "count")
+
+
 @shipped
+def test_shipped_testbed_answers_from_the_image(tmp_path):
+    """100 unseen test questions per family, each asked about its own image and about the image of the next
+    question of its family: on the families it reads, the model is well above chance with the right image and
+    falls by at least 15 points with the wrong one (so it is not answering from the question alone)."""
+    import dataclasses
+
+    model = load_model("testbed")
+    generate_synthvqa(tmp_path, SynthConfig(per_family=100, train_multiplier=1))
+    samples = load_dataset("synthvqa", tmp_path, "test")
+    shifted = []
+    for family in FAMILIES:
+        group = [s for s in samples if s.group == f"synthvqa:{family}"]
+        shifted += [dataclasses.replace(s, image=group[(i + 1) % len(group)].image) for i, s in enumerate(group)]
+    own = score_samples(samples, answer_samples(model, samples, batch_size=50))
+    other = score_samples(shifted, answer_samples(model, shifted, batch_size=50))
+    for family in READS_THE_IMAGE:
+        right, wrong = own[f"synthvqa:{family}"]["accuracy"], other[f"synthvqa:{family}"]["accuracy"]
+        assert right >= CHANCE[family] + 0.2 and right - wrong >= 0.15, (family, right, wrong)
+
+
+@shipped
+@pytest.mark.xfail(strict=True, reason="the shipped testbed is at chance on spatial and read (issue 4 stays open)")
 def test_shipped_testbed_is_well_above_chance_on_every_family(synth_small):
     """24 unseen test questions per family (the first images of the default test split)."""
     model = load_model("testbed")

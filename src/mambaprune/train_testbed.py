@@ -817,7 +817,7 @@ def train(s: TrainSettings, log=print) -> dict:
     info = {"settings": {k: v for k, v in asdict(s).items() if k not in ("data", "out", "model")},
             "steps_done": step, "train_minutes": round((time.perf_counter() - t0) / 60, 1),
             "train_images": len(train_convs), "test_questions_per_family": len(test) // len(FAMILIES),
-            "test_accuracy": test_acc, "parameters": n_params}
+            "test_accuracy": test_acc, "parameters": sum(p.numel() for p in model.parameters())}   # after any growth
     save_testbed(model, replace(s.model, n_layer=model.lm.config.n_layer), out, info=info)   # stopped early: shallow
     plot_curves(log_path, out / "curves.png")
     log(f"test accuracy: {json.dumps(test_acc)}")
