@@ -20,9 +20,10 @@ from mambaprune.models.testbed import read_testbed_config, save_testbed
 from mambaprune.models.testbed import testbed_prompt as prompt
 from mambaprune.train_testbed import (AUX_SHAPES, IGNORE, AuxHead, TrainSettings, TurnEncoder, add_arguments,
                                       answer_loss, answer_start_positions, conversations, curriculum_positions,
-                                      curriculum_tokens_at, grow_mamba, grow_step, rename_layer, spread_positions, init_mamba_, lr_at, phase_lr, patch_targets,
-                                      pretrain_tower, settings_from_args, stack_targets, standardize_tower,
-                                      tower_features, train, visual_rms_penalty, visual_shared_penalty)
+                                      curriculum_tokens_at, grow_mamba, grow_step, init_mamba_, lr_at,
+                                      patch_targets, phase_lr, pretrain_tower, rename_layer, settings_from_args,
+                                      spread_positions, stack_targets, standardize_tower, tower_features, train,
+                                      visual_rms_penalty, visual_shared_penalty)
 
 TINY = Config(image_size=32, patch_size=8, vision_width=16, vision_layers=1,
                      projector_hidden=32, d_model=16, n_layer=2, d_state=4, vocab_size=320)
@@ -308,7 +309,7 @@ def test_patch_targets_keep_the_reading_order_of_characters_sharing_a_patch():
 def test_stage_one_lowers_the_patch_loss_and_cached_features_equal_the_tower(synth_small):
     torch.manual_seed(0)
     model = build_testbed(TINY, build_tokenizer(CORPUS, vocab_size=TINY.vocab_size))
-    tower, aux = model.vision, AuxHead(model.vision.dim)
+    tower, aux = model.vision, AuxHead(model.vision.dim, model.vision.image_size // model.vision.patch_size)
     scenes_file = json.loads((synth_small / "scenes" / "train.json").read_text())
     scenes = {sc["image_id"]: sc for sc in scenes_file["scenes"]}
     paths = [p for p, _ in conversations(synth_small, "train")]
@@ -397,8 +398,9 @@ def test_training_runs_resumes_and_writes_a_loadable_testbed(synth_small, tmp_pa
 
 @pytest.mark.parametrize("spread", [False, True])
 def test_grown_training_deepens_at_its_step_and_resumes_across_the_growth(synth_small, tmp_path, spread):
-    """grow_from=2 on a 4-layer LM (spread: the trained layers go to 0 and 2), growth at step 2 of 4. A run stopped right after the step-2 checkpoint
-    (still shallow) and started again ends with exactly the weights of an uninterrupted run."""
+    """grow_from=2 on a 4-layer LM (spread: the trained layers go to 0 and 2), growth at step 2 of 4. A run
+    stopped right after the step-2 checkpoint (still shallow) and started again ends with exactly the weights of
+    an uninterrupted run."""
     deep = Config(**{**TINY.__dict__, "n_layer": 4})
     s = TrainSettings(data=str(synth_small), out=str(tmp_path / "whole"), steps=4, batch_size=2, warmup=1,
                       eval_every=2, eval_per_family=1, test_per_family=1, grow_from=2, grow_at=0.5, model=deep,

@@ -25,8 +25,9 @@ features of every training image once (:func:`tower_features`), optionally stand
 each channel scaled, inside the tower, so the background every image shares is zero), and trains only the
 projector and the LM on them. Without these options everything is trained jointly (tower, projector, LM).
 Grown depth (``grow_from > 0``): the LM is built with ``grow_from`` layers, trained alone for the first
-``grow_at`` of the steps, then deepened to ``n_layer`` with :func:`grow_mamba` (the new layers on top start as the
-identity) and trained on; the learning rate warms up and decays once per phase (:func:`phase_lr`), the AdamW
+``grow_at`` of the steps, then deepened to ``n_layer`` with :func:`grow_mamba` (the new layers start as the
+identity; they go on top, or with ``grow_spread`` the trained layers are spread evenly through the depth,
+:func:`spread_positions`) and trained on; the learning rate warms up and decays once per phase (:func:`phase_lr`), the AdamW
 moments of the carried-over parameters are kept, and ``memory_layer`` is taken modulo the current depth. A
 shallow Mamba leaves the plateau of recall tasks far sooner than a 16-layer one (``benchmarks/recall_plateau.py``).
 An optional token curriculum (``token_curriculum``, :func:`curriculum_positions`) trains first on the content
@@ -259,9 +260,10 @@ def patch_targets(scene: dict, scene_size: int, image_size: int, patch_size: int
         size[p] = AUX_SIZES.index(obj["size"])
     filled: Counter = Counter()
     for ch, p in zip(scene["code"], char_patches):          # the characters come left to right
-        chars[p, CODE_ALPHABET.index(ch)] = 1.0
+        c = CODE_ALPHABET.index(ch)
+        chars[p, c] = 1.0
         if filled[p] < CHAR_SLOTS:
-            char_order[p, filled[p]] = CODE_ALPHABET.index(ch) + 1
+            char_order[p, filled[p]] = c + 1
         filled[p] += 1
     content = torch.zeros(n, dtype=torch.bool)
     content[list(object_patches) + list(char_patches)] = True
@@ -278,9 +280,10 @@ def stack_targets(rows: list[dict[str, torch.Tensor]], device) -> dict[str, torc
 
 class AuxHead(nn.Module):
     """A linear read-out of the vision tower's patch features used only in training (not shipped): it makes the
-    tower encode what each patch holds early, which the language model then learns to use far sooner."""
+    tower encode what each patch holds early, which the language model then learns to use far sooner. ``grid``
+    is the tower's patches per side (the row and column targets of :func:`patch_targets` run to it)."""
 
-    def __init__(self, dim: int, grid: int = 10):
+    def __init__(self, dim: int, grid: int):
         super().__init__()
         self.sizes = (len(AUX_COLORS), len(AUX_SHAPES), len(AUX_COLORS) * len(AUX_SHAPES), len(AUX_SIZES),
                       len(CODE_ALPHABET), CHAR_SLOTS * (len(CODE_ALPHABET) + 1), grid + 1, grid + 1)
@@ -671,13 +674,13 @@ def train(s: TrainSettings, log=print) -> dict:
     init = dict(dt_min=s.dt_min, dt_max=s.dt_max, a_scale=s.a_init_scale, difference_conv=s.difference_conv,
                 embedding_std=s.embedding_std)
     grow_at_step = grow_step(s)
-    # a grown run starts shallow; resumed, it has the depth of its checkpoint
+    # a grown run starts shallow; resumed, it has the depth its checkpoint's config records
     depth = s.grow_from if grow_at_step is not None else s.model.n_layer
     if resume is not None:
-        depth = 1 + max(int(k.split(".")[3]) for k in resume["model"] if k.startswith("lm.backbone.layers."))
+        depth = resume["config"]["n_layer"]
     model = build_testbed(replace(s.model, n_layer=depth), tokenizer)
     init_mamba_(model.lm, s.seed, out_proj_scale=s.out_proj_init, **init)
-    aux = AuxHead(model.vision.dim)
+    aux = AuxHead(model.vision.dim, model.vision.image_size // model.vision.patch_size)
     memory = MemoryHead(model.lm.config.d_model)
     dev = torch.device(s.device)
     model, aux, memory = model.to(dev), aux.to(dev), memory.to(dev)
@@ -806,7 +809,7 @@ def train(s: TrainSettings, log=print) -> dict:
                 row["val"] = evaluate_families(model, val)
                 torch.save({"model": model.state_dict(), "aux": aux.state_dict(), "memory": memory.state_dict(),
                             "optimizer": opt.state_dict(),
-                            "step": step, "config": asdict(s.model),
+                            "step": step, "config": asdict(replace(s.model, n_layer=model.lm.config.n_layer)),
                             "elapsed": time.perf_counter() - t0}, ckpt_path)
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
