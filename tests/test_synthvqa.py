@@ -12,7 +12,8 @@ from mambaprune.cli import main
 from mambaprune.data import SynthConfig, available_datasets, generate_synthvqa, load_dataset, resolve_dataset
 from mambaprune.data.readers import VSR_PROMPT, read_pope
 from mambaprune.data.synthvqa import (CATEGORIES, FAMILIES, GLYPHS, POPE_VARIANTS, SPLITS, TEXT_COLOR,
-                                      answer_question, code_mask, family_files, load_scenes, render_scene)
+                                      answer_question, code_mask, family_files, load_scenes, question_referents,
+                                      render_scene)
 from mambaprune.eval.metrics import get_metric
 
 CONFIG = SynthConfig(seed=3, per_family=30, train_multiplier=2)
@@ -100,6 +101,33 @@ def test_every_question_is_answerable_from_its_scene(synth):
     with pytest.raises(ValueError, match="objects, not one"):
         scene = load_scenes(synth, "test")[0]
         answer_question(scene, "spatial", "The object is left of the object.")
+
+
+def test_question_referents_name_the_objects_the_answer_depends_on(synth):
+    rels = {"left of": (0, -1), "right of": (0, 1), "above": (-1, 0), "below": (1, 0)}
+    for scene in load_scenes(synth, "val"):
+        sp = scene["questions"]["spatial"]
+        subj, obj = question_referents(scene, "spatial", sp["caption"])
+        dr, dc = rels[sp["relation"]]
+        holds = (subj["row"] - obj["row"]) * dr > 0 if dr else (subj["col"] - obj["col"]) * dc > 0
+        assert holds == sp["label"] and subj is not obj
+        at = scene["questions"]["attr"]
+        named = question_referents(scene, "attr", at["question"])
+        asked = at["question"].split()[1]                          # What <color|shape|size> is ...
+        assert named[-1][asked] == at["answer"]
+        if at["template"].startswith("relate"):                   # the reference, then its neighbour
+            dr, dc = next(v for k, v in rels.items() if f"directly {k} the" in at["question"])
+            assert (named[1]["row"] - named[0]["row"], named[1]["col"] - named[0]["col"]) == (dr, dc)
+        else:
+            assert len(named) == 1
+        for family in ("exist", "count", "read"):
+            q = scene["questions"][family]
+            assert question_referents(scene, family, q.get("question") or q["caption"]) == []
+    scene = load_scenes(synth, "val")[0]
+    with pytest.raises(ValueError, match="unknown SynthVQA family"):
+        question_referents(scene, "colour", "What color is the circle?")
+    with pytest.raises(ValueError, match="not a SynthVQA spatial question"):
+        question_referents(scene, "spatial", "Is there a circle?")
 
 
 def test_images_are_the_scenes(synth):

@@ -18,10 +18,11 @@ from mambaprune.models.testbed import TESTBED_DIR, build_testbed, build_tokenize
 from mambaprune.models.testbed import TestbedConfig as Config          # aliased: pytest collects test*
 from mambaprune.models.testbed import read_testbed_config, save_testbed
 from mambaprune.models.testbed import testbed_prompt as prompt
-from mambaprune.train_testbed import (AUX_SHAPES, IGNORE, AuxHead, TrainSettings, TurnEncoder, add_arguments,
+from mambaprune.train_testbed import (AUX_SHAPES, IGNORE, AuxHead, MemoryHead, TrainSettings, TurnEncoder, add_arguments,
                                       answer_loss, answer_start_positions, conversations, curriculum_positions,
                                       curriculum_tokens_at, grow_mamba, grow_step, init_mamba_, lr_at,
-                                      patch_targets, phase_lr, pretrain_tower, rename_layer, settings_from_args,
+                                      patch_targets, phase_lr, pretrain_tower, referent_targets, rename_layer,
+                                      settings_from_args,
                                       spread_positions, stack_targets, standardize_tower, tower_features, train,
                                       visual_rms_penalty, visual_shared_penalty)
 
@@ -256,6 +257,40 @@ def test_answer_loss_taps_the_stream_after_a_layer(tiny_model, tokenizer, synth_
         expected = F.layer_norm(hidden + residual, (hidden.shape[-1],))
     assert states.shape == (1, visual.shape[1] + ids.shape[1], tiny_model.lm.config.d_model)
     assert torch.allclose(states, expected, atol=1e-5)
+
+
+def test_referent_targets_and_their_loss(synth_small):
+    from mambaprune.data.synthvqa import load_scenes, question_referents
+    scene = load_scenes(synth_small, "train")[0]
+    caption = scene["questions"]["spatial"]["caption"]
+    subj, obj = question_referents(scene, "spatial", caption)
+    assert referent_targets(scene, caption).tolist() == [subj["row"], subj["col"], obj["row"], obj["col"]]
+    attr = scene["questions"]["attr"]["question"]
+    named = question_referents(scene, "attr", attr)
+    t = referent_targets(scene, attr).tolist()
+    assert t[:2] == [named[0]["row"], named[0]["col"]] and (t[2:] == [IGNORE] * 2) == (len(named) == 1)
+    for family in ("exist", "count", "read"):
+        q = scene["questions"][family]["question"]
+        assert referent_targets(scene, q).tolist() == [IGNORE] * 4
+    # the loss: cross-entropy over the 4 grid classes of every named row / column, the rest ignored
+    head = MemoryHead(8)
+    states = torch.randn(3, 8)
+    targets = torch.tensor([[1, 2, 3, 0], [0, 3, IGNORE, IGNORE], [IGNORE] * 4])
+    logits = head.referent(states).reshape(3, 4, -1)
+    picked = [logits[0, 0, 1], logits[0, 1, 2], logits[0, 2, 3], logits[0, 3, 0], logits[1, 0, 0], logits[1, 1, 3]]
+    lse = [logits[0, k].logsumexp(0) for k in range(4)] + [logits[1, k].logsumexp(0) for k in range(2)]
+    expected = sum(l - p for l, p in zip(lse, picked)) / 6
+    assert torch.allclose(head.referent_loss(states, targets), expected, atol=1e-6)
+    assert head.referent_loss(states[2:], targets[2:]).item() == 0.0
+
+
+def test_training_with_the_referent_read_out_runs(synth_small, tmp_path):
+    s = TrainSettings(data=str(synth_small), out=str(tmp_path), steps=2, batch_size=2, warmup=1, eval_every=10,
+                      eval_per_family=1, test_per_family=1, referent_weight=1.0, model=TINY)
+    rows = []
+    train(s, log=lambda m: rows.append(m))
+    logged = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert logged[-1]["step"] == 2 and math.isfinite(logged[-1]["memory_loss"]) and logged[-1]["memory_loss"] > 0
 
 
 def test_visual_penalties_by_hand():

@@ -58,8 +58,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .data.readers import load_dataset
-from .data.synthvqa import (CATEGORIES as CATEGORY_NAMES, CODE_ALPHABET, COLORS, FAMILIES, GLYPH_H, GLYPH_W,
-                             SHAPES, SIZES, extra_questions)
+from .data.synthvqa import (CATEGORIES as CATEGORY_NAMES, CODE_ALPHABET, COLORS, FAMILIES, GLYPH_H, GLYPH_W, GRID,
+                             SHAPES, SIZES, extra_questions, question_referents)
 from .eval.evaluate import answer_samples, score_samples
 from .models.mamba_lm import MambaConfig, MambaLM
 from .models.testbed import (TestbedConfig, build_testbed, build_tokenizer, save_testbed, testbed_prompt)
@@ -83,6 +83,7 @@ class TrainSettings:
     aux_weight: float = 0.5
     memory_weight: float = 0.0
     turn_memory_weight: float = 1.0
+    referent_weight: float = 0.0
     memory_layer: int = 11
     a_init_scale: float = 64.0
     difference_conv: bool = True
@@ -104,6 +105,7 @@ class TrainSettings:
     tower_steps: int = 0
     tower_batch_size: int = 32
     tower_lr: float = 2e-3
+    balance_chars: bool = False
     freeze_tower: bool = False
     standardize: bool = False
     token_curriculum: float = 0.0
@@ -283,8 +285,9 @@ class AuxHead(nn.Module):
     tower encode what each patch holds early, which the language model then learns to use far sooner. ``grid``
     is the tower's patches per side (the row and column targets of :func:`patch_targets` run to it)."""
 
-    def __init__(self, dim: int, grid: int):
+    def __init__(self, dim: int, grid: int, balance_chars: bool = False):
         super().__init__()
+        self.balance_chars = balance_chars
         self.sizes = (len(AUX_COLORS), len(AUX_SHAPES), len(AUX_COLORS) * len(AUX_SHAPES), len(AUX_SIZES),
                       len(CODE_ALPHABET), CHAR_SLOTS * (len(CODE_ALPHABET) + 1), grid + 1, grid + 1)
         self.proj = nn.Linear(dim, sum(self.sizes))
@@ -297,8 +300,15 @@ class AuxHead(nn.Module):
         ce = sum(F.cross_entropy(logits.flatten(0, 1), targets[k].flatten())
                  for k, logits in (("color", color), ("shape", shape), ("category", category), ("size", size),
                                    ("row", row), ("col", col)))
-        order = order.reshape(*order.shape[:2], CHAR_SLOTS, -1)
-        ce = ce + F.cross_entropy(order.flatten(0, 2), targets["char_order"].flatten()) * CHAR_SLOTS
+        order = order.reshape(*order.shape[:2], CHAR_SLOTS, -1).flatten(0, 2)
+        slots = targets["char_order"].flatten()
+        if self.balance_chars:     # the few filled slots weigh as much as all the empty ones
+            per_slot, filled = F.cross_entropy(order, slots, reduction="none"), slots > 0
+            empty = per_slot[~filled].mean() if (~filled).any() else per_slot.sum() * 0.0
+            filled_ce = per_slot[filled].mean() if filled.any() else per_slot.sum() * 0.0
+            ce = ce + filled_ce * CHAR_SLOTS + empty
+        else:
+            ce = ce + F.cross_entropy(order, slots) * CHAR_SLOTS
         return ce + F.binary_cross_entropy_with_logits(chars, targets["chars"]) * len(CODE_ALPHABET)
 
 
@@ -399,6 +409,24 @@ def memory_targets(scene: dict, scene_size: int, image_size: int, patch_size: in
     return {"present": present, "counts": counts.flatten(1), "code": code, "where": where.flatten(1)}
 
 
+REFERENT_SLOTS = 2        # objects a question can name (question_referents)
+
+
+def referent_targets(scene: dict, question: str) -> torch.Tensor:
+    """``(2 * REFERENT_SLOTS,)`` long: the grid row and column of each object the question names
+    (:func:`~mambaprune.data.synthvqa.question_referents`: a spatial caption's subject and object, an attr
+    question's object, or its reference object and the object beside it), IGNORE for the slots it leaves empty
+    and for the families that name kinds rather than objects (exist, count, read). The family is told by the
+    template: captions start with "The ", attr questions with "What color/shape/size"."""
+    family = "spatial" if question.startswith("The ") else (
+        "attr" if question.split(" ", 2)[:2] in (["What", "color"], ["What", "shape"], ["What", "size"]) else None)
+    out = torch.full((2 * REFERENT_SLOTS,), IGNORE, dtype=torch.long)
+    if family is not None:
+        for k, obj in enumerate(question_referents(scene, family, question)):
+            out[2 * k], out[2 * k + 1] = obj["row"], obj["col"]
+    return out
+
+
 class MemoryHead(nn.Module):
     """A linear read-out of the language model's final states at the visual positions, used only in training
     (not shipped): predicting what the scan has seen so far (:func:`memory_targets`) teaches the SSM to write the
@@ -412,6 +440,16 @@ class MemoryHead(nn.Module):
         n_cat = len(CATEGORY_NAMES)
         self.sizes = (n_cat, 5 * (len(SHAPES) + len(COLORS)), code_slots * (len(CODE_ALPHABET) + 1), n_cat * 2 * 5)
         self.proj = nn.Linear(dim, sum(self.sizes))
+        self.referent = nn.Linear(dim, REFERENT_SLOTS * 2 * GRID)
+
+    def referent_loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of :func:`referent_targets` (``(n, 2 * REFERENT_SLOTS)``, IGNORE where a question names
+        fewer objects) read from the states ``(n, dim)`` where the answers start; 0 when nothing is named."""
+        logits = self.referent(states.float()).reshape(-1, GRID)
+        targets = targets.reshape(-1)
+        if not (targets != IGNORE).any():
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits, targets, ignore_index=IGNORE)
 
     def loss(self, states: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
         present, counts, code, where = self.proj(states.float()).split(self.sizes, dim=-1)
@@ -680,7 +718,7 @@ def train(s: TrainSettings, log=print) -> dict:
         depth = resume["config"]["n_layer"]
     model = build_testbed(replace(s.model, n_layer=depth), tokenizer)
     init_mamba_(model.lm, s.seed, out_proj_scale=s.out_proj_init, **init)
-    aux = AuxHead(model.vision.dim, model.vision.image_size // model.vision.patch_size)
+    aux = AuxHead(model.vision.dim, model.vision.image_size // model.vision.patch_size, s.balance_chars)
     memory = MemoryHead(model.lm.config.d_model)
     dev = torch.device(s.device)
     model, aux, memory = model.to(dev), aux.to(dev), memory.to(dev)
@@ -788,6 +826,14 @@ def train(s: TrainSettings, log=print) -> dict:
             rows, pos = answer_start_positions(labels, nv)
             whole = {k: v[rows, -1].unsqueeze(0) for k, v in mem.items()}
             mem_loss = mem_loss + s.turn_memory_weight * memory.loss(states[rows, pos].unsqueeze(0), whole)
+        if s.referent_weight:
+            # where the objects the question names are, where its answer starts: recall by description
+            rows, pos = answer_start_positions(labels, nv)
+            named_at = torch.stack([referent_targets(scene_of(p), q) for (p, _), conv in zip(picked, turns)
+                                    for q, _ in conv]).to(dev)
+            if len(named_at) != len(rows):
+                raise RuntimeError(f"{len(rows)} answer starts for {len(named_at)} turns")
+            mem_loss = mem_loss + s.referent_weight * memory.referent_loss(states[rows, pos], named_at)
         rms_loss = s.visual_rms_weight * visual_rms_penalty(visual, per_token=not s.visual_rms_global)
         if s.visual_shared_weight:
             rms_loss = rms_loss + s.visual_shared_weight * visual_shared_penalty(visual)
@@ -836,7 +882,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  "curriculum_tokens", "grow_from"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "memory_weight",
-                 "turn_memory_weight", "a_init_scale",
+                 "turn_memory_weight", "referent_weight", "a_init_scale",
                  "visual_rms_weight", "visual_shared_weight", "dt_min", "dt_max", "max_minutes", "tower_lr",
                  "out_proj_init", "token_curriculum", "embedding_std", "grow_at"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
@@ -849,6 +895,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=d.standardize,
                    help="with --freeze-tower: standardise the tower's features (per-position mean, per-channel "
                         "std of the training images) so that the shared background is zero")
+    p.add_argument("--balance-chars", action=argparse.BooleanOptionalAction, default=d.balance_chars,
+                   help="stage 1: the code characters' slots of the per-patch read-out weigh as much as all the "
+                        "empty slots (a sign fills ~3 of 300 per image; unbalanced, the tower reads 11%% of them)")
     p.add_argument("--freeze-tower", action=argparse.BooleanOptionalAction, default=d.freeze_tower,
                    help="stage 2 trains only the projector and the LM, on the tower's cached features")
     p.add_argument("--grow-spread", action=argparse.BooleanOptionalAction, default=d.grow_spread,

@@ -714,6 +714,36 @@ def _the(objects: list[dict], phrase: str) -> dict:
     return found[0]
 
 
+def question_referents(scene: dict, family: str, text: str) -> list[dict]:
+    """The objects of the scene a question names, in the order that matters to its answer: a spatial caption's
+    subject and object; a relational attr question's reference object and the object directly beside it (whose
+    attribute is asked); a plain attr question's object; ``[]`` for the other families (they name kinds, not
+    objects). Raises ValueError as :func:`answer_question` does."""
+    objects = scene["objects"]
+    rels = "|".join(r[0] for r in RELATIONS)
+    if family == "spatial":
+        m = re.fullmatch(rf"The (.+) is ({rels}) the (.+)\.", text)
+        if m:
+            return [_the(objects, m.group(1)), _the(objects, m.group(3))]
+    elif family == "attr":
+        m = re.fullmatch(rf"What (color|shape) is the object directly ({rels}) the (.+)\?", text)
+        if m:
+            ref = _the(objects, m.group(3))
+            _, dr, dc = next(r for r in RELATIONS if r[0] == m.group(2))
+            there = [o for o in objects if (o["row"], o["col"]) == (ref["row"] + dr, ref["col"] + dc)]
+            if len(there) != 1:
+                raise ValueError(f"no object directly {m.group(2)} the {m.group(3)}")
+            return [ref, there[0]]
+        m = re.fullmatch(r"What (color|shape|size) is the (.+?)\?", text)
+        if m:
+            return [_the(objects, m.group(2))]
+    elif family in FAMILIES:
+        return []
+    else:
+        raise ValueError(f"unknown SynthVQA family {family!r}; known: {', '.join(FAMILIES)}")
+    raise ValueError(f"not a SynthVQA {family} question: {text!r}")
+
+
 def answer_question(scene: dict, family: str, text: str) -> str:
     """The answer to a SynthVQA question (or, for ``spatial``, the truth of a caption) read off the scene alone.
 
@@ -721,7 +751,6 @@ def answer_question(scene: dict, family: str, text: str) -> str:
     Returns "true"/"false" for captions, "yes"/"no" for existence, digits for counts.
     """
     objects = scene["objects"]
-    rels = "|".join(r[0] for r in RELATIONS)
     if family == "read":
         return scene["code"].lower()
     if family == "count":
@@ -733,22 +762,14 @@ def answer_question(scene: dict, family: str, text: str) -> str:
         if m:
             return "yes" if _select(objects, m.group(1)) else "no"
     elif family == "spatial":
-        m = re.fullmatch(rf"The (.+) is ({rels}) the (.+)\.", text)
+        m = re.fullmatch(rf"The .+ is ({'|'.join(r[0] for r in RELATIONS)}) the .+\.", text)
         if m:
-            a, b = _the(objects, m.group(1)), _the(objects, m.group(3))
-            return "true" if _relation_holds(a, b, m.group(2)) else "false"
+            a, b = question_referents(scene, family, text)
+            return "true" if _relation_holds(a, b, m.group(1)) else "false"
     elif family == "attr":
-        m = re.fullmatch(rf"What (color|shape) is the object directly ({rels}) the (.+)\?", text)
-        if m:
-            ref = _the(objects, m.group(3))
-            _, dr, dc = next(r for r in RELATIONS if r[0] == m.group(2))
-            there = [o for o in objects if (o["row"], o["col"]) == (ref["row"] + dr, ref["col"] + dc)]
-            if len(there) != 1:
-                raise ValueError(f"no object directly {m.group(2)} the {m.group(3)}")
-            return there[0][m.group(1)]
-        m = re.fullmatch(r"What (color|shape|size) is the (.+?)\?", text)
-        if m:
-            return _the(objects, m.group(2))[m.group(1)]
+        referents = question_referents(scene, family, text)
+        asked = re.match(r"What (color|shape|size) ", text).group(1)
+        return referents[-1][asked]
     else:
         raise ValueError(f"unknown SynthVQA family {family!r}; known: {', '.join(FAMILIES)}")
     raise ValueError(f"not a SynthVQA {family} question: {text!r}")
