@@ -341,6 +341,25 @@ def test_patch_targets_keep_the_reading_order_of_characters_sharing_a_patch():
     assert (t["char_order"][1:] == 0).all() and t["chars"][0].sum() == 2
 
 
+def test_balanced_character_loss_weighs_the_filled_slots_as_much_as_the_empty_ones():
+    scene = {"objects": [], "code": "ZA", "sign": {"text_origin": [2, 2], "scale": 2}}
+    targets = stack_targets([patch_targets(scene, 224, 160, 16)], "cpu")
+    torch.manual_seed(0)
+    features = torch.randn(1, 100, 8)
+    plain, balanced = AuxHead(8, 10), AuxHead(8, 10, balance_chars=True)
+    balanced.load_state_dict(plain.state_dict())
+    sizes = plain.sizes
+    order = plain.proj(F.layer_norm(features, (8,))).split(sizes, dim=-1)[5].reshape(300, -1)
+    slots = targets["char_order"].flatten()
+    per_slot = F.cross_entropy(order, slots, reduction="none")
+    filled = slots > 0                                      # 2 of the 300 slots hold a character
+    assert int(filled.sum()) == 2
+    # the two losses differ only in the character-order term: mean over all slots x 3, against
+    # mean over the filled slots x 3 + mean over the empty ones
+    expected = per_slot[filled].mean() * 3 + per_slot[~filled].mean() - per_slot.mean() * 3
+    assert torch.allclose(balanced.loss(features, targets) - plain.loss(features, targets), expected, atol=1e-5)
+
+
 def test_stage_one_lowers_the_patch_loss_and_cached_features_equal_the_tower(synth_small):
     torch.manual_seed(0)
     model = build_testbed(TINY, build_tokenizer(CORPUS, vocab_size=TINY.vocab_size))
@@ -406,9 +425,13 @@ def test_command_line_sets_the_language_model_shape():
     p = argparse.ArgumentParser()
     add_arguments(p)
     s = settings_from_args(p.parse_args(["--data", "d", "--out", "o", "--d-model", "64", "--expand", "1",
-                                         "--d-state", "8", "--tower-steps", "5", "--freeze-tower"]))
+                                         "--d-state", "8", "--tower-steps", "5", "--freeze-tower",
+                                         "--balance-chars", "--referent-weight", "0.5"]))
     assert (s.model.d_model, s.model.expand, s.model.d_state, s.model.n_layer) == (64, 1, 8, Config().n_layer)
     assert s.tower_steps == 5 and s.freeze_tower and s.model.image_size == Config().image_size
+    assert s.balance_chars and s.referent_weight == 0.5
+    default = settings_from_args(p.parse_args(["--data", "d", "--out", "o"]))
+    assert not default.balance_chars and default.referent_weight == 0.0
 
 
 def test_training_runs_resumes_and_writes_a_loadable_testbed(synth_small, tmp_path):
