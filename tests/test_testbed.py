@@ -494,6 +494,9 @@ def test_phase_lr_restarts_the_schedule_at_the_growth_step():
     assert phase_lr(39, s) == pytest.approx(0.5 * (1 + math.cos(math.pi * 29 / 30)))
     assert [phase_lr(i, s) for i in (40, 49)] == [0.1, 1.0]          # a second warm-up from step 40
     assert phase_lr(99, s) == pytest.approx(0.5 * (1 + math.cos(math.pi * 49 / 50)))
+    low = TrainSettings(**{**s.__dict__, "grow_lr_scale": 0.25})   # the deep phase peaks at a quarter
+    assert [phase_lr(i, low) for i in (9, 39)] == [phase_lr(i, s) for i in (9, 39)]
+    assert [phase_lr(i, low) for i in (40, 49, 99)] == pytest.approx([0.25 * phase_lr(i, s) for i in (40, 49, 99)])
     plain = TrainSettings(data="", out="", steps=100, warmup=10, lr=1.0)
     assert grow_step(plain) is None and phase_lr(55, plain) == lr_at(55, plain)
 
