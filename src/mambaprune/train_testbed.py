@@ -28,7 +28,11 @@ Grown depth (``grow_from > 0``): the LM is built with ``grow_from`` layers, trai
 ``grow_at`` of the steps, then deepened to ``n_layer`` with :func:`grow_mamba` (the new layers start as the
 identity; they go on top, or with ``grow_spread`` the trained layers are spread evenly through the depth,
 :func:`spread_positions`) and trained on; the learning rate warms up and decays once per phase (:func:`phase_lr`), the AdamW
-moments of the carried-over parameters are kept, and ``memory_layer`` is taken modulo the current depth. A
+moments of the carried-over parameters are kept (the deep phase peaks at ``lr * grow_lr_scale``), and
+``memory_layer`` is taken modulo the current depth. ``balance_chars`` weighs the code characters' slots of the
+stage-1 read-out as much as all the empty ones (so the tower learns to read them); ``referent_weight`` adds a
+read-out, where each answer starts, of the grid row and column of the objects the question names
+(:func:`referent_targets`). A
 shallow Mamba leaves the plateau of recall tasks far sooner than a 16-layer one (``benchmarks/recall_plateau.py``).
 An optional token curriculum (``token_curriculum``, :func:`curriculum_positions`) trains first on the content
 patches of each image only and grows the visual sequence to the full grid. AdamW, linear warm-up then cosine
