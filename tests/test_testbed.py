@@ -113,7 +113,7 @@ def test_broken_testbed_folders_raise_checkpoint_error(tiny_model, tmp_path):
 # ------------------------------------------------------------------------------------------------ training
 def test_init_mamba_draws_delta_in_range(tiny_model, tokenizer):
     for layer in tiny_model.lm.backbone.layers:
-        dt = F.softplus(layer.mixer.dt_proj.bias)
+        dt = F.softplus(layer.mixer.dt_proj.bias.detach())
         assert float(dt.min()) >= 1e-3 * 0.999 and float(dt.max()) <= 0.1 * 1.001
         assert torch.equal(layer.mixer.D, torch.ones_like(layer.mixer.D))
     # a_scale divides A; difference_conv makes a run of identical inputs write nothing into the state
