@@ -18,10 +18,10 @@ row 98.2%, column 97.2%.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 
 def probe(run: Path, data: Path, n_images: int = 300) -> dict[str, float]:
@@ -30,7 +30,7 @@ def probe(run: Path, data: Path, n_images: int = 300) -> dict[str, float]:
     from mambaprune.data.synthvqa import load_scenes
     from mambaprune.models.testbed import TestbedConfig, build_testbed
     from mambaprune.models.vlm import load_tokenizer
-    from mambaprune.train_testbed import CHAR_SLOTS, AuxHead, patch_targets, stack_targets
+    from mambaprune.train_testbed import AuxHead, patch_targets, stack_targets
 
     ck = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
     model = build_testbed(TestbedConfig.from_dict(ck["config"]), load_tokenizer(run / "tokenizer"))
@@ -43,18 +43,17 @@ def probe(run: Path, data: Path, n_images: int = 300) -> dict[str, float]:
     aux = AuxHead(tower.dim, grid)
     aux.load_state_dict(ck["aux"])
     scenes = load_scenes(data, "test")[:n_images]
+    scene_size = json.loads((data / "scenes" / "test.json").read_text())["image_size"]
     images = [Image.open(data / "images" / f"{sc['image_id']}.png").convert("RGB") for sc in scenes]
     with torch.no_grad():
-        feats = torch.cat([tower(tower.preprocess(images[i:i + 50])) for i in range(0, len(images), 50)])
-        parts = aux.proj(F.layer_norm(feats, feats.shape[-1:])).split(aux.sizes, dim=-1)
-    names = ("color", "shape", "category", "size", "chars", "char_order", "row", "col")
-    logits = dict(zip(names, parts))
-    t = stack_targets([patch_targets(sc, 224, tower.image_size, tower.patch_size) for sc in scenes], "cpu")
+        logits = aux.logits(torch.cat([tower(tower.preprocess(images[i:i + 50]))
+                                       for i in range(0, len(images), 50)]))
+    t = stack_targets([patch_targets(sc, scene_size, tower.image_size, tower.patch_size) for sc in scenes], "cpu")
     out = {}
     for k in ("color", "shape", "size", "row", "col"):
         hit = t[k] > 0
         out[k] = (logits[k].argmax(-1)[hit] == t[k][hit]).float().mean().item()
-    order = logits["char_order"].reshape(*logits["char_order"].shape[:2], CHAR_SLOTS, -1).argmax(-1)
+    order = logits["char_order"].argmax(-1)
     filled = t["char_order"] > 0
     out["char_slots"] = (order[filled] == t["char_order"][filled]).float().mean().item()
     out["empty_slots_read_empty"] = (order[~filled] == 0).float().mean().item()

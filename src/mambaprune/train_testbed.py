@@ -297,15 +297,24 @@ class AuxHead(nn.Module):
                       len(CODE_ALPHABET), CHAR_SLOTS * (len(CODE_ALPHABET) + 1), grid + 1, grid + 1)
         self.proj = nn.Linear(dim, sum(self.sizes))
 
+    #: the targets of :func:`patch_targets` the read-out predicts, in the order of ``sizes``
+    NAMES = ("color", "shape", "category", "size", "chars", "char_order", "row", "col")
+
+    def logits(self, features: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The read-out's logits per target (:attr:`NAMES`), ``(batch, tokens, classes)``; ``char_order`` as
+        ``(batch, tokens, CHAR_SLOTS, alphabet + 1)``. Read from layer-normalised features: the read-out gives
+        the tower no reason to grow its features."""
+        features = F.layer_norm(features.float(), features.shape[-1:])
+        out = dict(zip(self.NAMES, self.proj(features).split(self.sizes, dim=-1)))
+        out["char_order"] = out["char_order"].reshape(*out["char_order"].shape[:2], CHAR_SLOTS, -1)
+        return out
+
     def loss(self, features: torch.Tensor, targets: dict[str, torch.Tensor]) -> torch.Tensor:
         """Cross-entropy of every class target of :func:`patch_targets` plus the multi-hot characters'."""
-        # read from layer-normalised features: the read-out gives the tower no reason to grow its features
-        features = F.layer_norm(features.float(), features.shape[-1:])
-        color, shape, category, size, chars, order, row, col = self.proj(features).split(self.sizes, dim=-1)
-        ce = sum(F.cross_entropy(logits.flatten(0, 1), targets[k].flatten())
-                 for k, logits in (("color", color), ("shape", shape), ("category", category), ("size", size),
-                                   ("row", row), ("col", col)))
-        order = order.reshape(*order.shape[:2], CHAR_SLOTS, -1).flatten(0, 2)
+        logits = self.logits(features)
+        ce = sum(F.cross_entropy(logits[k].flatten(0, 1), targets[k].flatten())
+                 for k in ("color", "shape", "category", "size", "row", "col"))
+        order = logits["char_order"].flatten(0, 2)
         slots = targets["char_order"].flatten()
         if self.balance_chars:     # the few filled slots weigh as much as all the empty ones
             per_slot, filled = F.cross_entropy(order, slots, reduction="none"), slots > 0
@@ -314,7 +323,7 @@ class AuxHead(nn.Module):
             ce = ce + filled_ce * CHAR_SLOTS + empty
         else:
             ce = ce + F.cross_entropy(order, slots) * CHAR_SLOTS
-        return ce + F.binary_cross_entropy_with_logits(chars, targets["chars"]) * len(CODE_ALPHABET)
+        return ce + F.binary_cross_entropy_with_logits(logits["chars"], targets["chars"]) * len(CODE_ALPHABET)
 
 
 class TurnEncoder:
@@ -827,14 +836,14 @@ def train(s: TrainSettings, log=print) -> dict:
             mem = stack_targets([memory_targets(scene_of(p), *geometry) for p, _ in picked], dev)
         if s.memory_weight:
             mem_loss = s.memory_weight * memory.loss(states[:, :nv], mem)
+        if s.turn_memory_weight or s.referent_weight:
+            rows, pos = answer_start_positions(labels, nv)
         if s.turn_memory_weight:
             # the whole scene, once more, where each answer starts: the state must carry it across the turns
-            rows, pos = answer_start_positions(labels, nv)
             whole = {k: v[rows, -1].unsqueeze(0) for k, v in mem.items()}
             mem_loss = mem_loss + s.turn_memory_weight * memory.loss(states[rows, pos].unsqueeze(0), whole)
         if s.referent_weight:
             # where the objects the question names are, where its answer starts: recall by description
-            rows, pos = answer_start_positions(labels, nv)
             named_at = torch.stack([referent_targets(scene_of(p), q) for (p, _), conv in zip(picked, turns)
                                     for q, _ in conv]).to(dev)
             if len(named_at) != len(rows):

@@ -714,34 +714,41 @@ def _the(objects: list[dict], phrase: str) -> dict:
     return found[0]
 
 
-def question_referents(scene: dict, family: str, text: str) -> list[dict]:
-    """The objects of the scene a question names, in the order that matters to its answer: a spatial caption's
-    subject and object; a relational attr question's reference object and the object directly beside it (whose
-    attribute is asked); a plain attr question's object; ``[]`` for the other families (they name kinds, not
-    objects). Raises ValueError as :func:`answer_question` does."""
-    objects = scene["objects"]
-    rels = "|".join(r[0] for r in RELATIONS)
+_RELS = "|".join(r[0] for r in RELATIONS)
+
+
+def _parse_referents(objects: list[dict], family: str, text: str) -> tuple[list[dict], re.Match]:
+    """(the objects a spatial or attr question names, its template's match) for :func:`question_referents` and
+    :func:`answer_question`; the match's ``relation`` (spatial) or ``asked`` (attr) group says what is asked."""
     if family == "spatial":
-        m = re.fullmatch(rf"The (.+) is ({rels}) the (.+)\.", text)
+        m = re.fullmatch(rf"The (.+) is (?P<relation>{_RELS}) the (.+)\.", text)
         if m:
-            return [_the(objects, m.group(1)), _the(objects, m.group(3))]
+            return [_the(objects, m.group(1)), _the(objects, m.group(3))], m
     elif family == "attr":
-        m = re.fullmatch(rf"What (color|shape) is the object directly ({rels}) the (.+)\?", text)
+        m = re.fullmatch(rf"What (?P<asked>color|shape) is the object directly ({_RELS}) the (.+)\?", text)
         if m:
             ref = _the(objects, m.group(3))
             _, dr, dc = next(r for r in RELATIONS if r[0] == m.group(2))
             there = [o for o in objects if (o["row"], o["col"]) == (ref["row"] + dr, ref["col"] + dc)]
             if len(there) != 1:
                 raise ValueError(f"no object directly {m.group(2)} the {m.group(3)}")
-            return [ref, there[0]]
-        m = re.fullmatch(r"What (color|shape|size) is the (.+?)\?", text)
+            return [ref, there[0]], m
+        m = re.fullmatch(r"What (?P<asked>color|shape|size) is the (.+?)\?", text)
         if m:
-            return [_the(objects, m.group(2))]
-    elif family in FAMILIES:
-        return []
-    else:
-        raise ValueError(f"unknown SynthVQA family {family!r}; known: {', '.join(FAMILIES)}")
+            return [_the(objects, m.group(2))], m
     raise ValueError(f"not a SynthVQA {family} question: {text!r}")
+
+
+def question_referents(scene: dict, family: str, text: str) -> list[dict]:
+    """The objects of the scene a question names, in the order that matters to its answer: a spatial caption's
+    subject and object; a relational attr question's reference object and the object directly beside it (whose
+    attribute is asked); a plain attr question's object; ``[]`` for the other families (they name kinds, not
+    objects). Raises ValueError as :func:`answer_question` does."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown SynthVQA family {family!r}; known: {', '.join(FAMILIES)}")
+    if family not in ("spatial", "attr"):
+        return []
+    return _parse_referents(scene["objects"], family, text)[0]
 
 
 def answer_question(scene: dict, family: str, text: str) -> str:
@@ -762,14 +769,11 @@ def answer_question(scene: dict, family: str, text: str) -> str:
         if m:
             return "yes" if _select(objects, m.group(1)) else "no"
     elif family == "spatial":
-        m = re.fullmatch(rf"The .+ is ({'|'.join(r[0] for r in RELATIONS)}) the .+\.", text)
-        if m:
-            a, b = question_referents(scene, family, text)
-            return "true" if _relation_holds(a, b, m.group(1)) else "false"
+        (a, b), m = _parse_referents(objects, family, text)
+        return "true" if _relation_holds(a, b, m.group("relation")) else "false"
     elif family == "attr":
-        referents = question_referents(scene, family, text)
-        asked = re.match(r"What (color|shape|size) ", text).group(1)
-        return referents[-1][asked]
+        named, m = _parse_referents(objects, family, text)
+        return named[-1][m.group("asked")]
     else:
         raise ValueError(f"unknown SynthVQA family {family!r}; known: {', '.join(FAMILIES)}")
     raise ValueError(f"not a SynthVQA {family} question: {text!r}")
