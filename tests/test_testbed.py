@@ -480,7 +480,12 @@ def test_grown_training_deepens_at_its_step_and_resumes_across_the_growth(synth_
     cut = TrainSettings(**{**s.__dict__, "out": str(tmp_path / "cut")})
     with pytest.raises(Stop):
         train(cut, log=stop_at_two)
+    # a row written after the checkpoint (a run stopped between checkpoints) is dropped when the step is redone
+    with open(tmp_path / "cut" / "train_log.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "n_layer": 4}) + "\n")
     train(cut, log=lambda m: None)
+    rows = [json.loads(l) for l in (tmp_path / "cut" / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["n_layer"]) for r in rows] == [(2, 2), (4, 4)]
     resumed = load_testbed(tmp_path / "cut")
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)

@@ -774,6 +774,10 @@ def train(s: TrainSettings, log=print) -> dict:
     log_path = out / "train_log.jsonl"
     if resume is None and log_path.exists():
         log_path.unlink()
+    elif log_path.exists():   # rows a stopped run wrote after its last checkpoint are redone: drop them
+        kept = [line for line in log_path.read_text().splitlines()
+                if line.strip() and json.loads(line)["step"] <= step]
+        log_path.write_text("".join(line + "\n" for line in kept))
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{len(train_convs)} training images, {len(val)} validation questions, {n_params / 1e6:.2f} M parameters")
 
