@@ -565,15 +565,18 @@ def test_shipped_testbed_loads_by_name_and_has_the_promised_shape():
 #: testbed model": what was tried), so the every-family test below is an expected failure until a model that
 #: passes it ships
 READS_THE_IMAGE = ("attr", "exist", "read", "count")
+#: the issue's accuracy targets the shipped testbed meets (README, "How good it is"; attr, exist and spatial
+#: fall short)
+MEETS_TARGET = {"read": 0.5, "count": 0.6}
 
 
 @shipped
 def test_shipped_testbed_answers_from_the_image(tmp_path):
     """Unseen test questions, each asked about its own image and about the image of the next question of its
     family: on the families it reads, the model is well above chance with the right image and falls by at least
-    15 points with the wrong one (so it is not answering from the question alone). 400 questions for attr and
-    exist, whose margins are a few points (with 100 or 200 they move by 4-8 points between samples), 100 for
-    read and count."""
+    15 points with the wrong one (so it is not answering from the question alone), and on read and count it
+    meets the issue's targets. 400 questions for attr and exist, whose margins are a few points (with 100 or
+    200 they move by 4-8 points between samples), 100 for read and count."""
     import dataclasses
 
     model = load_model("testbed")
@@ -589,6 +592,7 @@ def test_shipped_testbed_answers_from_the_image(tmp_path):
     for family in READS_THE_IMAGE:
         right, wrong = own[f"synthvqa:{family}"]["accuracy"], other[f"synthvqa:{family}"]["accuracy"]
         assert right >= CHANCE[family] + 0.2 and right - wrong >= 0.15, (family, right, wrong)
+        assert right >= MEETS_TARGET.get(family, 0.0), (family, right)
 
 
 @shipped
