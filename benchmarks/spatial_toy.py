@@ -13,8 +13,8 @@ every ``--every`` steps.
 
 Measured here (2 layers, d_model 64, d_state 16, expand 2, the testbed's shallow phase; 1 thread, ~0.5 s a
 step, 0.2 on a free core): with the caption after the grid its accuracy is one answer's share of the held-out
-captions (48.8 or 51.2%) at every check of ``--steps 8000``; with ``--question-first`` the same for 1500
-steps. The relation needs each named object's position recalled from the state by a two-token key
+captions (48.8 or 51.2%) at every check of ``--steps 8000``; with ``--question-first`` the same at every check
+of 6000 steps; with ``--layers 4 --d-state 64`` (four times the state) the same for 1500 steps. The relation needs each named object's position recalled from the state by a two-token key
 and the two compared, and neither layout starts that within what the testbed's hour on this CPU gives.
 
     python benchmarks/spatial_toy.py [--steps 3000] [--question-first] [--layers 2] [--d-state 16]
