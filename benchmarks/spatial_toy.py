@@ -14,8 +14,9 @@ every ``--every`` steps.
 Measured here (2 layers, d_model 64, d_state 16, expand 2, the testbed's shallow phase; 1 thread, ~0.5 s a
 step, 0.2 on a free core): with the caption after the grid its accuracy is one answer's share of the held-out
 captions (48.8 or 51.2%) at every check of ``--steps 8000``; with ``--question-first`` the same at every check
-of 6000 steps; with ``--layers 4 --d-state 64`` (four times the state) the same for 1500 steps. The relation needs each named object's position recalled from the state by a two-token key
-and the two compared, and neither layout starts that within what the testbed's hour on this CPU gives.
+of 6000 steps; with ``--layers 4 --d-state 64`` (four times the state) the same for 1500 steps. The relation
+needs each named object's position recalled from the state by a two-token key and the two compared, and neither
+layout starts that within what the testbed's hour on this CPU gives.
 
     python benchmarks/spatial_toy.py [--steps 3000] [--question-first] [--layers 2] [--d-state 16]
 """
@@ -25,19 +26,14 @@ import time
 import torch
 import torch.nn.functional as F
 
+from mambaprune.data.synthvqa import RELATIONS, relation_holds
 from mambaprune.models.mamba_lm import MambaConfig, MambaLM
 from mambaprune.train_testbed import init_mamba_
 
-GRID, N_KINDS, N_COLOURS, N_SHAPES, N_OBJECTS = 10, 30, 6, 5, 5
+GRID, N_KINDS, N_SHAPES, N_OBJECTS = 10, 30, 5, 5
 COLOUR0, SHAPE0 = 31, 37                          # colour words 31..36, shape words 37..41
-QUERY, QMARK, ANSWER, YES, NO, RELATION0 = 42, 43, 44, 45, 46, 47   # relations 47..50
+QUERY, QMARK, ANSWER, YES, NO, RELATION0 = 42, 43, 44, 45, 46, 47   # SynthVQA's four RELATIONS: 47..50
 VOCAB = 51
-RELATIONS = ("left of", "right of", "above", "below")
-
-
-def relation_holds(a_row, a_col, b_row, b_col, relation: int) -> bool:
-    """Object a at (a_row, a_col) stands in ``RELATIONS[relation]`` to object b."""
-    return (a_col < b_col, a_col > b_col, a_row < b_row, a_row > b_row)[relation]
 
 
 def spatial_batch(n: int, gen: torch.Generator):
@@ -51,15 +47,16 @@ def spatial_batch(n: int, gen: torch.Generator):
     captions, answers = [], []
     for b in range(n):
         relation = int(torch.randint(len(RELATIONS), (1,), generator=gen))
-        axis = cols[b] if relation < 2 else rows[b]
+        axis = rows[b] if RELATIONS[relation][1] else cols[b]      # (name, row step, column step)
         if len(set(axis)) == 1:                   # every object on one line of that axis: ask the other one
             relation = (relation + 2) % 4
-            axis = cols[b] if relation < 2 else rows[b]
+            axis = rows[b] if RELATIONS[relation][1] else cols[b]
         while True:
             i, j = torch.randperm(N_OBJECTS, generator=gen)[:2].tolist()
             if axis[i] != axis[j]:
                 break
-        true = relation_holds(rows[b][i], cols[b][i], rows[b][j], cols[b][j], relation)
+        true = relation_holds({"row": rows[b][i], "col": cols[b][i]}, {"row": rows[b][j], "col": cols[b][j]},
+                              RELATIONS[relation][0])
         if bool(torch.rand(1, generator=gen) < 0.5) != true:   # half true: swap the two objects to flip it
             i, j = j, i
             true = not true

@@ -440,7 +440,9 @@ def _attr_candidates(objects: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def _relation_holds(a: dict, b: dict, rel: str) -> bool:
+def relation_holds(a: dict, b: dict, rel: str) -> bool:
+    """Object ``a`` stands in the grid relation ``rel`` (a name of :data:`RELATIONS`) to ``b``; objects are
+    dicts with ``row`` and ``col``."""
     _, dr, dc = next(r for r in RELATIONS if r[0] == rel)
     return (a["row"] - b["row"]) * dr > 0 if dr else (a["col"] - b["col"]) * dc > 0
 
@@ -456,8 +458,8 @@ def _spatial_candidates(objects: list[dict], label: bool) -> list[tuple[str, str
     out = []
     for (a, na), (b, nb) in itertools.permutations(named, 2):
         for rel, _, _ in RELATIONS:
-            holds = _relation_holds(a, b, rel)
-            if holds or _relation_holds(a, b, _OPPOSITE[rel]):
+            holds = relation_holds(a, b, rel)
+            if holds or relation_holds(a, b, _OPPOSITE[rel]):
                 if holds == label:
                     out.append((na, rel, nb))
     return out
@@ -770,7 +772,7 @@ def answer_question(scene: dict, family: str, text: str) -> str:
             return "yes" if _select(objects, m.group(1)) else "no"
     elif family == "spatial":
         (a, b), m = _parse_referents(objects, family, text)
-        return "true" if _relation_holds(a, b, m.group("relation")) else "false"
+        return "true" if relation_holds(a, b, m.group("relation")) else "false"
     elif family == "attr":
         named, m = _parse_referents(objects, family, text)
         return named[-1][m.group("asked")]
