@@ -13,7 +13,7 @@ from mambaprune.data import SynthConfig, available_datasets, generate_synthvqa, 
 from mambaprune.data.readers import VSR_PROMPT, read_pope
 from mambaprune.data.synthvqa import (CATEGORIES, FAMILIES, GLYPHS, POPE_VARIANTS, SPLITS, TEXT_COLOR,
                                       answer_question, code_mask, family_files, load_scenes, question_referents,
-                                      render_scene)
+                                      render_scene, where_questions)
 from mambaprune.eval.metrics import get_metric
 
 CONFIG = SynthConfig(seed=3, per_family=30, train_multiplier=2)
@@ -128,6 +128,24 @@ def test_question_referents_name_the_objects_the_answer_depends_on(synth):
         question_referents(scene, "colour", "What color is the circle?")
     with pytest.raises(ValueError, match="not a SynthVQA spatial question"):
         question_referents(scene, "spatial", "Is there a circle?")
+
+
+def test_where_questions_give_the_named_objects_cell(synth):
+    import random
+    asked = 0
+    for scene in load_scenes(synth, "train"):
+        objects = scene["objects"]
+        got = where_questions(scene, random.Random(scene["image_id"]), n=3)
+        assert got == where_questions(scene, random.Random(scene["image_id"]), n=3)
+        assert len(got) <= 3 and len({q for q, _ in got}) == len(got)
+        for question, answer in got:
+            words = question.removeprefix("Where is the ").removesuffix("?").split()
+            named = [o for o in objects if all(w in (o["size"], o["color"], o["shape"]) for w in words)]
+            assert len(named) == 1, question                       # the phrase singles one object out
+            assert answer == f"row {named[0]['row'] + 1}, column {named[0]['col'] + 1}"
+        asked += len(got)
+    assert asked >= 2 * len(load_scenes(synth, "train"))          # most scenes have three nameable objects
+    assert where_questions(load_scenes(synth, "train")[0], random.Random(0), n=0) == []
 
 
 def test_images_are_the_scenes(synth):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -291,6 +292,22 @@ def test_training_with_the_referent_read_out_runs(synth_small, tmp_path):
     train(s, log=lambda m: rows.append(m))
     logged = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 2 and math.isfinite(logged[-1]["memory_loss"]) and logged[-1]["memory_loss"] > 0
+
+
+def test_training_asks_the_where_questions_it_is_told_to(synth_small, tmp_path, monkeypatch):
+    import mambaprune.train_testbed as tt
+    seen = []
+    batch = tt.TurnEncoder.batch
+    monkeypatch.setattr(tt.TurnEncoder, "batch", lambda self, turns: seen.append(turns) or batch(self, turns))
+    s = TrainSettings(data=str(synth_small), out=str(tmp_path), steps=2, batch_size=2, warmup=1, eval_every=10,
+                      eval_per_family=1, test_per_family=1, extra_per_family=0, where_per_image=2, model=TINY)
+    train(s, log=lambda m: None)
+    assert len(seen) == 2
+    for turns in seen:                 # each image: its five benchmark questions and up to two "Where is ..."
+        for conv in turns:
+            where = [(q, a) for q, a in conv if q.startswith("Where is the ")]
+            assert 1 <= len(where) <= 2 and len(conv) == len(FAMILIES) + len(where)
+            assert all(re.fullmatch(r"row [1-4], column [1-4]", a) for _, a in where)
 
 
 def test_visual_penalties_by_hand():

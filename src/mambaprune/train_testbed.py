@@ -2,8 +2,9 @@
 
 What one training step sees: ``batch_size`` training images, each with its five questions (one per family) plus
 ``extra_per_family`` more per family drawn from the image's scene description in the same templates
-(:func:`~mambaprune.data.synthvqa.extra_questions`; read has one question per image), as a multi-turn Zephyr
-conversation in a random order, ``[100 visual tokens][turn][turn]...``, where a turn is
+(:func:`~mambaprune.data.synthvqa.extra_questions`; read has one question per image) and ``where_per_image``
+training-only "Where is the red circle?" questions (:func:`~mambaprune.data.synthvqa.where_questions`), as a
+multi-turn Zephyr conversation in a random order, ``[100 visual tokens][turn][turn]...``, where a turn is
 ``testbed_prompt(question) + answer + <|endoftext|>``. The loss is the cross-entropy of the answer tokens and
 their closing ``<|endoftext|>`` (prompts are not scored), as in LLaVA-style instruction tuning; one image's
 visual prefix serves all its questions, which makes a step several times cheaper than single-turn sequences.
@@ -63,7 +64,7 @@ import torch.nn.functional as F
 
 from .data.readers import load_dataset
 from .data.synthvqa import (CATEGORIES as CATEGORY_NAMES, CODE_ALPHABET, COLORS, FAMILIES, GLYPH_H, GLYPH_W, GRID,
-                             SHAPES, SIZES, extra_questions, question_referents)
+                             SHAPES, SIZES, extra_questions, question_referents, where_questions)
 from .eval.evaluate import answer_samples, score_samples
 from .models.mamba_lm import MambaConfig, MambaLM
 from .models.testbed import (TestbedConfig, build_testbed, build_tokenizer, save_testbed, testbed_prompt)
@@ -97,6 +98,7 @@ class TrainSettings:
     dt_min: float = 0.01
     dt_max: float = 0.5
     extra_per_family: int = 2
+    where_per_image: int = 0
     seed: int = 0
     eval_every: int = 100
     eval_per_family: int = 60
@@ -802,6 +804,8 @@ def train(s: TrainSettings, log=print) -> dict:
         for path, base in picked:
             extra = extra_questions(scene_of(path), rng, s.extra_per_family)
             both = list(base) + [(q, a) for _, q, a in extra]
+            if s.where_per_image:
+                both += where_questions(scene_of(path), rng, s.where_per_image)
             turns.append(rng.sample(both, len(both)))
         ids, labels = (t.to(dev) for t in encoder.batch(turns))
         if step == grow_at_step and model.lm.config.n_layer < s.model.n_layer:
@@ -897,7 +901,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a SynthVQA folder written by `mambaprune synth`")
     p.add_argument("--out", required=True, help="where the testbed folder (and last.pt, to resume) goes")
     for name in ("steps", "batch_size", "warmup", "seed", "eval_every", "eval_per_family", "test_per_family",
-                 "threads", "extra_per_family", "memory_layer", "tower_steps", "tower_batch_size",
+                 "threads", "extra_per_family", "where_per_image", "memory_layer", "tower_steps", "tower_batch_size",
                  "curriculum_tokens", "grow_from"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "memory_weight",

@@ -86,6 +86,7 @@ __all__ = [
     "image_file",
     "load_scenes",
     "render_scene",
+    "where_questions",
 ]
 
 FORMAT_VERSION = 1
@@ -559,6 +560,19 @@ def extra_questions(scene: dict, rng: random.Random, per_family: int = 2) -> lis
             subj, rel, obj_name = rng.choice(captions)
             out.append(("spatial", f"The {subj} is {rel} the {obj_name}.", "true" if label else "false"))
     return out
+
+
+def where_questions(scene: dict, rng: random.Random, n: int = 2) -> list[tuple[str, str]]:
+    """Up to ``n`` questions "Where is the red circle?" about distinct uniquely named objects, answered with the
+    object's grid cell, 1-based: "row 2, column 3". Not a family of the benchmark (no data file holds them): a
+    training-only question whose answer depends on one recalled position, where a ``spatial`` caption's truth
+    depends on two positions and the relation together (true and false captions of a pair differ only in the
+    relation, so no single one of these carries any signal on its own, and the answer loss gives a model that
+    has not yet learnt to recall positions no gradient towards doing so). ``[(question, answer)]``."""
+    objects = scene["objects"]
+    named = [(o, name) for o in objects if (name := _name(o, objects))]
+    return [(f"Where is the {name}?", f"row {o['row'] + 1}, column {o['col'] + 1}")
+            for o, name in rng.sample(named, min(n, len(named)))]
 
 
 # --- writing --------------------------------------------------------------------------------------------------------
