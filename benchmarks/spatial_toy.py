@@ -33,15 +33,16 @@ from mambaprune.train_testbed import init_mamba_
 GRID, N_KINDS, N_SHAPES, N_OBJECTS = 10, 30, 5, 5
 COLOUR0, SHAPE0 = 31, 37                          # colour words 31..36, shape words 37..41
 QUERY, QMARK, ANSWER, YES, NO, RELATION0 = 42, 43, 44, 45, 46, 47   # SynthVQA's four RELATIONS: 47..50
-VOCAB = 51
+WHERE = 51                                        # the where-question's last token
+VOCAB = 52
 
 
-def spatial_batch(n: int, gen: torch.Generator):
+def spatial_batch(n: int, gen: torch.Generator, n_objects: int = N_OBJECTS):
     """``(grid kinds (n, GRID * GRID), caption tokens (n, 8), answer token (n,))``; kind 0 is background,
     kinds 1..30 are colour * 5 + shape + 1."""
     cells = GRID * GRID
-    kinds = torch.stack([torch.randperm(N_KINDS, generator=gen)[:N_OBJECTS] for _ in range(n)]) + 1
-    where = torch.stack([torch.randperm(cells, generator=gen)[:N_OBJECTS] for _ in range(n)])
+    kinds = torch.stack([torch.randperm(N_KINDS, generator=gen)[:n_objects] for _ in range(n)]) + 1
+    where = torch.stack([torch.randperm(cells, generator=gen)[:n_objects] for _ in range(n)])
     grid = torch.zeros(n, cells, dtype=torch.long).scatter_(1, where, kinds)
     rows, cols = (where // GRID).tolist(), (where % GRID).tolist()
     captions, answers = [], []
@@ -52,7 +53,7 @@ def spatial_batch(n: int, gen: torch.Generator):
             relation = (relation + 2) % 4
             axis = rows[b] if RELATIONS[relation][1] else cols[b]
         while True:
-            i, j = torch.randperm(N_OBJECTS, generator=gen)[:2].tolist()
+            i, j = torch.randperm(n_objects, generator=gen)[:2].tolist()
             if axis[i] != axis[j]:
                 break
         true = relation_holds({"row": rows[b][i], "col": cols[b][i]}, {"row": rows[b][j], "col": cols[b][j]},
@@ -67,6 +68,25 @@ def spatial_batch(n: int, gen: torch.Generator):
     return grid, torch.tensor(captions), torch.tensor(answers)
 
 
+def named_kind(caption: torch.Tensor, at: int) -> torch.Tensor:
+    """The grid kind of the object a caption names by its colour and shape words at ``at`` and ``at + 1``."""
+    return (caption[:, at] - COLOUR0) * N_SHAPES + (caption[:, at + 1] - SHAPE0) + 1
+
+
+def named_cells(grid: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
+    """``(n, 2)``: the grid cell of the caption's subject and of its object."""
+    return torch.stack([(grid == named_kind(caption, at)[:, None]).long().argmax(1) for at in (1, 4)], 1)
+
+
+def where_batch(n: int, gen: torch.Generator, n_objects: int = N_OBJECTS):
+    """``(grid kinds, question tokens (n, 4): <Q> colour shape WHERE, row (n,), column (n,))`` of the caption's
+    subject in a :func:`spatial_batch` of the same arguments."""
+    grid, caption, _ = spatial_batch(n, gen, n_objects)
+    cell = named_cells(grid, caption)[:, 0]
+    question = torch.cat([caption[:, :3], torch.full((n, 1), WHERE)], 1)
+    return grid, question, cell // GRID, cell % GRID
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=3000)
@@ -77,39 +97,89 @@ def main():
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--question-first", action="store_true", help="the caption before the grid as well")
+    parser.add_argument("--objects", type=int, default=N_OBJECTS, help="objects in each grid (at least 2)")
+    parser.add_argument("--where", type=float, default=0.0,
+                        help="share of each batch given to where-questions (<Q> colour shape WHERE -> row and "
+                             "column of that object, read out by a linear head from the last state)")
+    parser.add_argument("--given-positions", action="store_true",
+                        help="add each named object's row and column embeddings to its shape word in the caption: "
+                             "recall done for the model, only the comparison left to learn")
+    parser.add_argument("--name-recall", type=float, default=0.0,
+                        help="weight of a read-out of each named object's row and column at its shape word in the "
+                             "caption (the same linear head as --where)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
+    if not 2 <= args.objects <= N_KINDS or not 0 <= args.where < 1:
+        parser.error("--objects must be in 2..30 and --where in [0, 1)")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     lm = MambaLM(MambaConfig(d_model=args.d_model, n_layer=args.layers, d_state=args.d_state, expand=2,
                              vocab_size=VOCAB))
     init_mamba_(lm, 0, dt_min=0.01, dt_max=0.5, a_scale=64.0, embedding_std=1.0)
     row_emb, col_emb = torch.nn.Embedding(GRID, args.d_model), torch.nn.Embedding(GRID, args.d_model)
-    params = list(lm.parameters()) + list(row_emb.parameters()) + list(col_emb.parameters())
+    where_head = torch.nn.Linear(args.d_model, 2 * GRID)
+    params = [*lm.parameters(), *row_emb.parameters(), *col_emb.parameters(), *where_head.parameters()]
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
     embed = lm.backbone.embedding
     cell = torch.arange(GRID * GRID)
 
-    def answer_logits(grid, caption):
-        image = embed(grid) + row_emb(cell // GRID) + col_emb(cell % GRID)
-        parts = ([embed(caption[:, :-1])] if args.question_first else []) + [image, embed(caption)]
-        return lm(inputs_embeds=torch.cat(parts, 1)).logits[:, :VOCAB]
+    def image(grid):
+        return embed(grid) + row_emb(cell // GRID) + col_emb(cell % GRID)
 
-    held = spatial_batch(512, torch.Generator().manual_seed(99))
+    def answer_logits(grid, caption):
+        text = embed(caption)
+        if args.given_positions:           # each named object's row and column added to its shape word
+            cells = named_cells(grid, caption)
+            given = row_emb(cells // GRID) + col_emb(cells % GRID)
+            text = text.index_add(1, torch.tensor([2, 5]), given)
+        parts = ([embed(caption[:, :-1])] if args.question_first else []) + [image(grid), text]
+        out = lm(inputs_embeds=torch.cat(parts, 1), return_all_logits=True)
+        # (n, 2, 2, GRID): row and column of each named object, read at its shape word (caption positions 2, 5)
+        at_names = where_head(lm.backbone.norm_f(out.sequence.stream()[:, [-6, -3]])).view(-1, 2, 2, GRID)
+        return out.logits[:, -1, :VOCAB], at_names
+
+    def where_logits(grid, question):
+        """``(n, 2, GRID)``: row and column logits of the asked object, from the final state."""
+        out = lm(inputs_embeds=torch.cat([image(grid), embed(question)], 1), return_all_logits=True)
+        return where_head(lm.backbone.norm_f(out.sequence.stream()[:, -1])).view(-1, 2, GRID)
+
+    held = spatial_batch(512, torch.Generator().manual_seed(99), args.objects)
+    held_where = where_batch(512, torch.Generator().manual_seed(98), args.objects)
+    n_where = round(args.batch_size * args.where)
     gen, start, curve = torch.Generator().manual_seed(1), time.time(), []
     for step in range(1, args.steps + 1):
-        grid, caption, answer = spatial_batch(args.batch_size, gen)
-        loss = F.cross_entropy(answer_logits(grid, caption), answer)
+        grid, caption, answer = spatial_batch(args.batch_size - n_where, gen, args.objects)
+        logits, at_names = answer_logits(grid, caption)
+        loss = F.cross_entropy(logits, answer)
+        where_loss = torch.zeros(())
+        if args.name_recall:
+            cells = named_cells(grid, caption)
+            where_loss = args.name_recall * F.cross_entropy(at_names.flatten(0, 2),
+                                                            torch.stack([cells // GRID, cells % GRID], 2).flatten())
+        if n_where:
+            grid, question, row, col = where_batch(n_where, gen, args.objects)
+            where_loss = where_loss + F.cross_entropy(where_logits(grid, question).flatten(0, 1),
+                                                      torch.stack([row, col], 1).flatten())
         opt.zero_grad()
-        loss.backward()
+        (loss + where_loss).backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         if step % args.every == 0:
             with torch.no_grad():
-                acc = float((answer_logits(held[0], held[1]).argmax(-1) == held[2]).float().mean())
+                logits, at_names = answer_logits(held[0], held[1])
+                acc = float((logits.argmax(-1) == held[2]).float().mean())
+                where = ""
+                if args.name_recall:
+                    cells = named_cells(*held[:2])
+                    hit = at_names.argmax(-1) == torch.stack([cells // GRID, cells % GRID], 2)
+                    where = (f"  at the names: row {hit[..., 0].float().mean():.3f} "
+                             f"column {hit[..., 1].float().mean():.3f}")
+                if n_where:
+                    hit = where_logits(*held_where[:2]).argmax(-1) == torch.stack(held_where[2:], 1)
+                    where += f"  where: row {hit[:, 0].float().mean():.3f} column {hit[:, 1].float().mean():.3f}"
             curve.append(f"{acc:.2f}")
-            print(f"step {step:5d}  loss {loss.item():.3f}  held-out accuracy {acc:.3f}  ({time.time() - start:.0f} s)",
-                  flush=True)
+            print(f"step {step:5d}  loss {loss.item():.3f}  held-out accuracy {acc:.3f}{where}  "
+                  f"({time.time() - start:.0f} s)", flush=True)
     print("question first" if args.question_first else "caption after the grid", "|", " ".join(curve))
 
 
