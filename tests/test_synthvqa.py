@@ -13,7 +13,7 @@ from mambaprune.data import SynthConfig, available_datasets, generate_synthvqa, 
 from mambaprune.data.readers import VSR_PROMPT, read_pope
 from mambaprune.data.synthvqa import (CATEGORIES, FAMILIES, GLYPHS, POPE_VARIANTS, SPLITS, TEXT_COLOR,
                                       answer_question, code_mask, family_files, load_scenes, question_referents,
-                                      render_scene, where_questions)
+                                      referent_name_spans, render_scene, where_questions)
 from mambaprune.eval.metrics import get_metric
 
 CONFIG = SynthConfig(seed=3, per_family=30, train_multiplier=2)
@@ -128,6 +128,23 @@ def test_question_referents_name_the_objects_the_answer_depends_on(synth):
         question_referents(scene, "colour", "What color is the circle?")
     with pytest.raises(ValueError, match="not a SynthVQA spatial question"):
         question_referents(scene, "spatial", "Is there a circle?")
+
+
+def test_referent_name_spans_spell_out_the_named_objects(synth):
+    for scene in load_scenes(synth, "val"):
+        for family in ("spatial", "attr"):
+            q = scene["questions"][family]
+            text = q.get("caption") or q["question"]
+            spans = referent_name_spans(scene, family, text)
+            referents = question_referents(scene, family, text)
+            assert [o for o, _ in spans] == (referents[:1] if q.get("template", "").startswith("relate")
+                                             else referents)
+            for obj, (start, end) in spans:
+                words = text[start:end].split()
+                assert text[end] in " ?." and words[-1] in (obj["shape"], "object")
+                assert [o for o in scene["objects"]
+                        if all(w in (o["size"], o["color"], o["shape"], "object") for w in words)] == [obj]
+        assert referent_name_spans(scene, "count", scene["questions"]["count"]["question"]) == []
 
 
 def test_where_questions_give_the_named_objects_cell(synth):

@@ -285,13 +285,38 @@ def test_referent_targets_and_their_loss(synth_small):
     assert head.referent_loss(states[2:], targets[2:]).item() == 0.0
 
 
-def test_training_with_the_referent_read_out_runs(synth_small, tmp_path):
+@pytest.mark.parametrize("at", ["answer", "names"])
+def test_training_with_the_referent_read_out_runs(synth_small, tmp_path, at):
     s = TrainSettings(data=str(synth_small), out=str(tmp_path), steps=2, batch_size=2, warmup=1, eval_every=10,
-                      eval_per_family=1, test_per_family=1, referent_weight=1.0, model=TINY)
+                      eval_per_family=1, test_per_family=1, referent_weight=1.0, referent_at=at, model=TINY)
     rows = []
     train(s, log=lambda m: rows.append(m))
     logged = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
     assert logged[-1]["step"] == 2 and math.isfinite(logged[-1]["memory_loss"]) and logged[-1]["memory_loss"] > 0
+
+
+def test_name_positions_point_at_the_last_token_of_each_name(synth_small):
+    from mambaprune.data.synthvqa import load_scenes
+    from mambaprune.train_testbed import TurnEncoder
+    tok = build_tokenizer(["The red circle is left of the small blue square. What color is the star?"] * 4,
+                          vocab_size=300)
+    enc = TurnEncoder(tok)
+    scene = {"objects": [
+        {"row": 0, "col": 0, "color": "red", "shape": "circle", "size": "large"},
+        {"row": 2, "col": 3, "color": "blue", "shape": "square", "size": "small"},
+        {"row": 1, "col": 3, "color": "blue", "shape": "square", "size": "large"},
+        {"row": 3, "col": 1, "color": "green", "shape": "star", "size": "small"}]}
+    turns = [("How many circles are there?", "1"), ("The red circle is left of the small blue square.", "true"),
+             ("What color is the star?", "green")]
+    ids, _ = enc.encode(turns)
+    found = enc.name_positions(scene, turns)
+    assert [(r, c) for _, r, c in found] == [(0, 0), (2, 3), (3, 1)]
+    for (j, _, _), name in zip(found, ["red circle", "small blue square", "star"]):
+        assert tok.decode(ids[:j + 1]).endswith(name) and not tok.decode(ids[:j]).endswith(name)
+    for scene in load_scenes(synth_small, "train"):          # every template's names are found
+        for family in ("spatial", "attr"):
+            q = scene["questions"][family]
+            assert enc.name_positions(scene, [(q.get("caption") or q["question"], "x")])
 
 
 def test_training_asks_the_where_questions_it_is_told_to(synth_small, tmp_path, monkeypatch):

@@ -33,7 +33,8 @@ moments of the carried-over parameters are kept (the deep phase peaks at ``lr * 
 ``memory_layer`` is taken modulo the current depth. ``balance_chars`` weighs the code characters' slots of the
 stage-1 read-out as much as all the empty ones (so the tower learns to read them); ``referent_weight`` adds a
 read-out, where each answer starts, of the grid row and column of the objects the question names
-(:func:`referent_targets`). A
+(:func:`referent_targets`), or with ``referent_at = "names"`` of each named object's cell at the last token of
+its name (:meth:`TurnEncoder.name_positions`). A
 shallow Mamba leaves the plateau of recall tasks far sooner than a 16-layer one (``benchmarks/recall_plateau.py``).
 An optional token curriculum (``token_curriculum``, :func:`curriculum_positions`) trains first on the content
 patches of each image only and grows the visual sequence to the full grid. AdamW, linear warm-up then cosine
@@ -64,7 +65,8 @@ import torch.nn.functional as F
 
 from .data.readers import load_dataset
 from .data.synthvqa import (CATEGORIES as CATEGORY_NAMES, CODE_ALPHABET, COLORS, FAMILIES, GLYPH_H, GLYPH_W, GRID,
-                             SHAPES, SIZES, extra_questions, question_referents, where_questions)
+                             SHAPES, SIZES, extra_questions, question_referents, referent_name_spans,
+                             where_questions)
 from .eval.evaluate import answer_samples, score_samples
 from .models.mamba_lm import MambaConfig, MambaLM
 from .models.testbed import (TestbedConfig, build_testbed, build_tokenizer, save_testbed, testbed_prompt)
@@ -89,6 +91,7 @@ class TrainSettings:
     memory_weight: float = 0.0
     turn_memory_weight: float = 1.0
     referent_weight: float = 0.0
+    referent_at: str = "answer"
     memory_layer: int = 11
     a_init_scale: float = 64.0
     difference_conv: bool = True
@@ -350,6 +353,23 @@ class TurnEncoder:
             labels += [IGNORE] * len(prompt) + reply
         return ids, labels
 
+    def name_positions(self, scene: dict, turns) -> list[tuple[int, int, int]]:
+        """``[(j, row, col)]``: for each object a turn's question names in words
+        (:func:`~mambaprune.data.synthvqa.referent_name_spans`), the index in :meth:`encode`'s ids of the last
+        token of its name, and the object's grid cell."""
+        out, at = [], 0
+        for question, answer in turns:
+            prompt = testbed_prompt(question)
+            family = question_family(question)
+            if family is not None:
+                q0 = prompt.index(question)
+                ends = [e for _, e in self.tokenizer(prompt, add_special_tokens=False,
+                                                     return_offsets_mapping=True)["offset_mapping"]]
+                for obj, (_, end) in referent_name_spans(scene, family, question):
+                    out.append((at + ends.index(q0 + end), obj["row"], obj["col"]))
+            at += len(self.ids(prompt)) + len(self.ids(answer)) + 1
+        return out
+
     def batch(self, conversations_) -> tuple[torch.Tensor, torch.Tensor]:
         """Right-padded ``(ids, labels)``, (batch, T); padding is EOS with label IGNORE."""
         encoded = [self.encode(turns) for turns in conversations_]
@@ -428,14 +448,23 @@ def memory_targets(scene: dict, scene_size: int, image_size: int, patch_size: in
 REFERENT_SLOTS = 2        # objects a question can name (question_referents)
 
 
+def question_family(question: str) -> str | None:
+    """"spatial" or "attr" for the SynthVQA templates that name objects (captions start with "The ", attr
+    questions with "What color/shape/size"), None for the others."""
+    if question.startswith("The "):
+        return "spatial"
+    if question.split(" ", 2)[:2] in (["What", "color"], ["What", "shape"], ["What", "size"]):
+        return "attr"
+    return None
+
+
 def referent_targets(scene: dict, question: str) -> torch.Tensor:
     """``(2 * REFERENT_SLOTS,)`` long: the grid row and column of each object the question names
     (:func:`~mambaprune.data.synthvqa.question_referents`: a spatial caption's subject and object, an attr
     question's object, or its reference object and the object beside it), IGNORE for the slots it leaves empty
     and for the families that name kinds rather than objects (exist, count, read). The family is told by the
     template: captions start with "The ", attr questions with "What color/shape/size"."""
-    family = "spatial" if question.startswith("The ") else (
-        "attr" if question.split(" ", 2)[:2] in (["What", "color"], ["What", "shape"], ["What", "size"]) else None)
+    family = question_family(question)
     out = torch.full((2 * REFERENT_SLOTS,), IGNORE, dtype=torch.long)
     if family is not None:
         for k, obj in enumerate(question_referents(scene, family, question)):
@@ -466,6 +495,12 @@ class MemoryHead(nn.Module):
         if not (targets != IGNORE).any():
             return logits.sum() * 0.0
         return F.cross_entropy(logits, targets, ignore_index=IGNORE)
+
+    def named_loss(self, states: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the grid row and column ``cells`` ``(n, 2)`` of the objects named at ``states``
+        ``(n, dim)`` (the last token of each name), read by the first slot of the referent read-out."""
+        logits = self.referent(states.float()).reshape(-1, 2 * REFERENT_SLOTS, GRID)[:, :2]
+        return F.cross_entropy(logits.reshape(-1, GRID), cells.reshape(-1))
 
     def loss(self, states: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
         present, counts, code, where = self.proj(states.float()).split(self.sizes, dim=-1)
@@ -707,6 +742,8 @@ def train(s: TrainSettings, log=print) -> dict:
         raise ValueError(f"grow_from {s.grow_from} must be between 1 and n_layer - 1 = {s.model.n_layer - 1}")
     if s.grow_from and not 0 < s.grow_at < 1:
         raise ValueError(f"grow_at {s.grow_at} must be a fraction of the steps in (0, 1)")
+    if s.referent_at not in ("answer", "names"):
+        raise ValueError(f"referent_at must be 'answer' or 'names', got {s.referent_at!r}")
     if s.threads:
         torch.set_num_threads(s.threads)
     out = Path(s.out)
@@ -850,7 +887,14 @@ def train(s: TrainSettings, log=print) -> dict:
             # the whole scene, once more, where each answer starts: the state must carry it across the turns
             whole = {k: v[rows, -1].unsqueeze(0) for k, v in mem.items()}
             mem_loss = mem_loss + s.turn_memory_weight * memory.loss(states[rows, pos].unsqueeze(0), whole)
-        if s.referent_weight:
+        if s.referent_weight and s.referent_at == "names":
+            # where each named object is, at the last token of its name: recall by description, as it is read
+            found = [(b, nv + j, r, c) for b, ((p, _), conv) in enumerate(zip(picked, turns))
+                     for j, r, c in encoder.name_positions(scene_of(p), conv)]
+            if found:
+                b, at, r, c = (torch.tensor(v, device=dev) for v in zip(*found))
+                mem_loss = mem_loss + s.referent_weight * memory.named_loss(states[b, at], torch.stack([r, c], 1))
+        elif s.referent_weight:
             # where the objects the question names are, where its answer starts: recall by description
             named_at = torch.stack([referent_targets(scene_of(p), q) for (p, _), conv in zip(picked, turns)
                                     for q, _ in conv]).to(dev)
@@ -912,6 +956,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name in ("d_model", "n_layer", "d_state", "expand"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d.model, name),
                        help=f"the language model's {name} (TestbedConfig)")
+    p.add_argument("--referent-at", choices=("answer", "names"), default=d.referent_at,
+                   help="where the referent read-out (--referent-weight) reads the named objects' cells: where "
+                        "each answer starts, or at the last token of each object's name in the question")
     p.add_argument("--device", default=d.device, help="torch device to train on (default cpu)")
     p.add_argument("--visual-rms-global", action=argparse.BooleanOptionalAction, default=d.visual_rms_global,
                    help="the RMS penalty on all visual embeddings together instead of per token")

@@ -85,6 +85,7 @@ __all__ = [
     "generate_synthvqa",
     "image_file",
     "load_scenes",
+    "referent_name_spans",
     "render_scene",
     "where_questions",
 ]
@@ -765,6 +766,22 @@ def question_referents(scene: dict, family: str, text: str) -> list[dict]:
     if family not in ("spatial", "attr"):
         return []
     return _parse_referents(scene["objects"], family, text)[0]
+
+
+def referent_name_spans(scene: dict, family: str, text: str) -> list[tuple[dict, tuple[int, int]]]:
+    """``[(object, (start, end))]``: each object a spatial or attr question names in words, with the character
+    span of the noun phrase that names it ("red circle" in "The red circle is left of the square."): a spatial
+    caption's subject and object; an attr question's object, or a relational one's reference object (the
+    object beside it is not named). ``[]`` for the other families; ValueError as :func:`question_referents`."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown SynthVQA family {family!r}; known: {', '.join(FAMILIES)}")
+    if family not in ("spatial", "attr"):
+        return []
+    objects, m = _parse_referents(scene["objects"], family, text)
+    groups = [g for g in range(1, (m.re.groups or 0) + 1) if g not in m.re.groupindex.values()]
+    if family == "attr" and len(objects) == 2:                  # relational: only the reference is spelt out
+        return [(objects[0], m.span(groups[-1]))]
+    return [(obj, m.span(g)) for obj, g in zip(objects, groups)]
 
 
 def answer_question(scene: dict, family: str, text: str) -> str:
