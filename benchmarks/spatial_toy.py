@@ -18,7 +18,17 @@ of 6000 steps; with ``--layers 4 --d-state 64`` (four times the state) the same 
 needs each named object's position recalled from the state by a two-token key and the two compared, and neither
 layout starts that within what the testbed's hour on this CPU gives.
 
-    python benchmarks/spatial_toy.py [--steps 3000] [--question-first] [--layers 2] [--d-state 16]
+Which of the two blocks it: with each named object's row and column embeddings added to its shape word
+(``--given-positions``: recall done for the model) the same model learns the comparison at once (92.6% at step
+750, 99.6% at 1250). With a training-only read-out of each named object's row and column at its shape word
+(``--name-recall 1``) and three objects a grid (``--objects 3``), recall at the names climbs from step ~2500 to
+99%, and the captions leave chance at step 4250 (70.1%) and reach 97.1% at 6000. Recall, not the relation, is
+the block, and supervising it where the caption names the objects opens it. ``--where`` trains recall elsewhere instead
+(``<Q> colour shape WHERE`` -> row and column, a linear head on the last state), the toy's form of
+``train-testbed --where-per-image``.
+
+    python benchmarks/spatial_toy.py [--steps 3000] [--question-first] [--layers 2] [--d-state 16] [--objects 5]
+        [--given-positions] [--name-recall W] [--where FRACTION]
 """
 import argparse
 import time
