@@ -25,9 +25,8 @@ Which of the two blocks it: with each named object's row and column embeddings a
 99%, and the captions leave chance at step 4250 (70.1%) and reach 97.1% at 6000. Recall, not the relation, is
 the first block, and supervising it where the caption names the objects opens it; with five objects (the
 default) recall at the names reaches 98% by step 6250 but the captions are still at one answer's share at 8000.
-``--where`` trains recall elsewhere instead
-(``<Q> colour shape WHERE`` -> row and column, a linear head on the last state), the toy's form of
-``train-testbed --where-per-image``.
+``--where`` trains recall elsewhere instead (``<Q> colour shape WHERE`` -> row and column, a linear head on
+the last state), the toy's form of ``train-testbed --where-per-image``.
 
     python benchmarks/spatial_toy.py [--steps 3000] [--question-first] [--layers 2] [--d-state 16] [--objects 5]
         [--given-positions] [--name-recall W] [--where FRACTION]
