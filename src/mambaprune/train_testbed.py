@@ -332,17 +332,22 @@ class AuxHead(nn.Module):
 
 
 class TurnEncoder:
-    """Token ids and labels of multi-turn sequences (prompt ids cached per question)."""
+    """Token ids and labels of multi-turn sequences (ids and token end offsets cached per text)."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
         self.eos = tokenizer.convert_tokens_to_ids("<|endoftext|>")
-        self._cache: dict[str, list[int]] = {}
+        self._cache: dict[str, tuple[list[int], list[int]]] = {}
+
+    def _tokenized(self, text: str) -> tuple[list[int], list[int]]:
+        """``(ids, the character offset where each token ends)``."""
+        if text not in self._cache:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            self._cache[text] = list(enc["input_ids"]), [e for _, e in enc["offset_mapping"]]
+        return self._cache[text]
 
     def ids(self, text: str) -> list[int]:
-        if text not in self._cache:
-            self._cache[text] = list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return self._cache[text]
+        return self._tokenized(text)[0]
 
     def encode(self, turns) -> tuple[list[int], list[int]]:
         ids, labels = [], []
@@ -363,8 +368,7 @@ class TurnEncoder:
             family = question_family(question)
             if family is not None:
                 q0 = prompt.index(question)
-                ends = [e for _, e in self.tokenizer(prompt, add_special_tokens=False,
-                                                     return_offsets_mapping=True)["offset_mapping"]]
+                ends = self._tokenized(prompt)[1]
                 for obj, (_, end) in referent_name_spans(scene, family, question):
                     out.append((at + ends.index(q0 + end), obj["row"], obj["col"]))
             at += len(self.ids(prompt)) + len(self.ids(answer)) + 1
