@@ -89,6 +89,11 @@ def named_cells(grid: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
     return torch.stack([(grid == named_kind(caption, at)[:, None]).long().argmax(1) for at in (1, 4)], 1)
 
 
+def row_col(cells: torch.Tensor) -> torch.Tensor:
+    """``cells``' grid row and column, stacked on a new last dimension."""
+    return torch.stack([cells // GRID, cells % GRID], -1)
+
+
 def where_batch(n: int, gen: torch.Generator, n_objects: int = N_OBJECTS):
     """``(grid kinds, question tokens (n, 4): <Q> colour shape WHERE, row (n,), column (n,))`` of the caption's
     subject in a :func:`spatial_batch` of the same arguments."""
@@ -165,8 +170,7 @@ def main():
         where_loss = torch.zeros(())
         if args.name_recall:
             cells = named_cells(grid, caption)
-            where_loss = args.name_recall * F.cross_entropy(at_names.flatten(0, 2),
-                                                            torch.stack([cells // GRID, cells % GRID], 2).flatten())
+            where_loss = args.name_recall * F.cross_entropy(at_names.flatten(0, 2), row_col(cells).flatten())
         if n_where:
             grid, question, row, col = where_batch(n_where, gen, args.objects)
             where_loss = where_loss + F.cross_entropy(where_logits(grid, question).flatten(0, 1),
@@ -182,7 +186,7 @@ def main():
                 where = ""
                 if args.name_recall:
                     cells = named_cells(*held[:2])
-                    hit = at_names.argmax(-1) == torch.stack([cells // GRID, cells % GRID], 2)
+                    hit = at_names.argmax(-1) == row_col(cells)
                     where = (f"  at the names: row {hit[..., 0].float().mean():.3f} "
                              f"column {hit[..., 1].float().mean():.3f}")
                 if n_where:
