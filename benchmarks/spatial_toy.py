@@ -123,6 +123,9 @@ def main():
     parser.add_argument("--name-recall", type=float, default=0.0,
                         help="weight of a read-out of each named object's row and column at its shape word in the "
                              "caption (the same linear head as --where)")
+    parser.add_argument("--recall-layer", type=int, default=None,
+                        help="read --name-recall from the residual stream after this layer (0-based, "
+                             "layer-normalised) instead of the final norm's output")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     if not 2 <= args.objects <= N_KINDS or not 0 <= args.where < 1:
@@ -149,9 +152,20 @@ def main():
             given = row_emb(cells // GRID) + col_emb(cells % GRID)
             text = text.index_add(1, torch.tensor([2, 5]), given)
         parts = ([embed(caption[:, :-1])] if args.question_first else []) + [image(grid), text]
-        out = lm(inputs_embeds=torch.cat(parts, 1), return_all_logits=True)
+        tapped = []
+
+        def tap(seq):
+            if seq.layer == args.recall_layer:
+                tapped.append(seq.stream())
+
+        out = lm(inputs_embeds=torch.cat(parts, 1), return_all_logits=True,
+                 hook=None if args.recall_layer is None else tap)
+        if tapped:
+            names = F.layer_norm(tapped[0][:, [-6, -3]], (args.d_model,))
+        else:
+            names = lm.backbone.norm_f(out.sequence.stream()[:, [-6, -3]])
         # (n, 2, 2, GRID): row and column of each named object, read at its shape word (caption positions 2, 5)
-        at_names = where_head(lm.backbone.norm_f(out.sequence.stream()[:, [-6, -3]])).view(-1, 2, 2, GRID)
+        at_names = where_head(names).view(-1, 2, 2, GRID)
         return out.logits[:, -1, :VOCAB], at_names
 
     def where_logits(grid, question):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -22,7 +23,8 @@ from mambaprune.models.testbed import testbed_prompt as prompt
 from mambaprune.train_testbed import (AUX_SHAPES, IGNORE, AuxHead, MemoryHead, TrainSettings, TurnEncoder, add_arguments,
                                       answer_loss, answer_start_positions, conversations, curriculum_positions,
                                       curriculum_tokens_at, grow_mamba, grow_step, init_mamba_, lr_at,
-                                      patch_targets, phase_lr, pretrain_tower, referent_targets, rename_layer,
+                                      patch_targets, phase_lr, pretrain_tower, referent_tap, referent_targets,
+                                      rename_layer,
                                       settings_from_args,
                                       spread_positions, stack_targets, standardize_tower, tower_features, train,
                                       visual_rms_penalty, visual_shared_penalty)
@@ -258,6 +260,26 @@ def test_answer_loss_taps_the_stream_after_a_layer(tiny_model, tokenizer, synth_
         expected = F.layer_norm(hidden + residual, (hidden.shape[-1],))
     assert states.shape == (1, visual.shape[1] + ids.shape[1], tiny_model.lm.config.d_model)
     assert torch.allclose(states, expected, atol=1e-5)
+    with torch.no_grad():
+        _, first = answer_loss(tiny_model, visual, ids, labels, state_layer=0)
+        _, both = answer_loss(tiny_model, visual, ids, labels, state_layer=(1, 0))
+        _, same = answer_loss(tiny_model, visual, ids, labels, state_layer=(1, 1))
+    assert len(both) == 2 and torch.equal(both[0], states) and torch.equal(both[1], first)
+    assert not torch.allclose(first, states)
+    assert torch.equal(same[0], states) and torch.equal(same[1], states)
+
+
+def test_referent_tap_follows_its_layer_through_the_growth():
+    s = TrainSettings(data="", out="", memory_layer=11, model=replace(TINY, n_layer=16))
+    assert referent_tap(s, 16) == 11 and referent_tap(s, 2) == 1          # default: memory_layer's
+    s = replace(s, referent_layer=1)
+    assert referent_tap(s, 16) == 1                                       # no growth: that layer
+    s = replace(s, grow_from=2)
+    assert referent_tap(s, 2) == 1 and referent_tap(s, 16) == 1           # grown on top: it stays
+    s = replace(s, grow_spread=True)
+    assert referent_tap(s, 2) == 1 and referent_tap(s, 16) == 8           # spread: 2 -> 16 puts layer 1 at 8
+    assert referent_tap(replace(s, referent_layer=0), 16) == 0
+    assert referent_tap(replace(s, referent_layer=-1), 16) == 8           # negative: from the top
 
 
 def test_referent_targets_and_their_loss(synth_small):
@@ -286,9 +308,11 @@ def test_referent_targets_and_their_loss(synth_small):
 
 
 @pytest.mark.parametrize("at", ["answer", "names"])
-def test_training_with_the_referent_read_out_runs(synth_small, tmp_path, at):
+@pytest.mark.parametrize("layer", [None, 0])
+def test_training_with_the_referent_read_out_runs(synth_small, tmp_path, at, layer):
     s = TrainSettings(data=str(synth_small), out=str(tmp_path), steps=2, batch_size=2, warmup=1, eval_every=10,
-                      eval_per_family=1, test_per_family=1, referent_weight=1.0, referent_at=at, model=TINY)
+                      eval_per_family=1, test_per_family=1, referent_weight=1.0, referent_at=at, model=TINY,
+                      referent_layer=layer)
     rows = []
     train(s, log=lambda m: rows.append(m))
     logged = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
@@ -567,6 +591,30 @@ def test_two_stage_training_keeps_the_stage_one_tower(synth_small, tmp_path, mon
     torch.manual_seed(0)
     fresh = build_testbed(TINY, shipped.tokenizer).vision.state_dict()
     assert not all(torch.equal(fresh[k], v) for k, v in after_stage_one.items())      # stage 1 trained it
+
+
+@pytest.mark.parametrize("source", ["folder", "last.pt"])
+def test_tower_from_skips_stage_one_and_takes_that_tower(synth_small, tmp_path, monkeypatch, source):
+    import mambaprune.train_testbed as tt
+    first = TrainSettings(data=str(synth_small), out=str(tmp_path / "a"), steps=2, batch_size=2, warmup=1,
+                          eval_every=1, eval_per_family=1, test_per_family=1, tower_steps=3, tower_batch_size=2,
+                          freeze_tower=True, standardize=True, model=TINY)
+    train(first, log=lambda m: None)
+    donor = load_testbed(tmp_path / "a").vision.state_dict()
+    assert donor["feature_scale"].ne(1).any()                      # standardised, so the buffers must travel
+
+    def no_stage_one(*args, **kwargs):
+        raise AssertionError("stage 1 ran")
+
+    monkeypatch.setattr(tt, "pretrain_tower", no_stage_one)
+    given = tmp_path / "a" if source == "folder" else tmp_path / "a" / "last.pt"
+    logs = []
+    train(replace(first, out=str(tmp_path / "b"), tower_from=str(given)), log=logs.append)
+    taken = load_testbed(tmp_path / "b").vision.state_dict()
+    assert taken.keys() == donor.keys() and all(torch.equal(taken[k], donor[k]) for k in donor)
+    assert any("stage 1 skipped" in m for m in logs)
+    with pytest.raises(FileNotFoundError, match="no testbed weights or last.pt"):
+        train(replace(first, out=str(tmp_path / "c"), tower_from=str(tmp_path / "nowhere")), log=lambda m: None)
 
 
 

@@ -68,6 +68,7 @@ from .data.synthvqa import (CATEGORIES as CATEGORY_NAMES, CODE_ALPHABET, COLORS,
                              SHAPES, SIZES, extra_questions, question_referents, referent_name_spans,
                              where_questions)
 from .eval.evaluate import answer_samples, score_samples
+from .models.checkpoints import read_state_file
 from .models.mamba_lm import MambaConfig, MambaLM
 from .models.testbed import (TestbedConfig, build_testbed, build_tokenizer, save_testbed, testbed_prompt)
 
@@ -93,6 +94,7 @@ class TrainSettings:
     referent_weight: float = 0.0
     referent_at: str = "answer"
     memory_layer: int = 11
+    referent_layer: int | None = None
     a_init_scale: float = 64.0
     difference_conv: bool = True
     visual_rms_weight: float = 0.1
@@ -123,6 +125,7 @@ class TrainSettings:
     grow_at: float = 0.5
     grow_spread: bool = False
     grow_lr_scale: float = 1.0
+    tower_from: str | None = None
     model: TestbedConfig = field(default_factory=TestbedConfig)
 
 
@@ -185,6 +188,19 @@ def spread_positions(k: int, n_layer: int) -> list[int]:
     """Where :func:`grow_mamba` puts ``k`` trained layers in ``n_layer`` when they are spread evenly:
     ``round(i * n_layer / k)`` (2 -> 16: layers 0 and 8; 4 -> 16: 0, 4, 8, 12)."""
     return [round(i * n_layer / k) for i in range(k)]
+
+
+def referent_tap(s: "TrainSettings", depth: int) -> int:
+    """The layer after which the referent read-out reads at the current ``depth``: ``memory_layer`` modulo the
+    depth when ``referent_layer`` is None; else layer ``referent_layer`` (modulo the starting depth) of the model
+    training started with, followed to wherever :func:`grow_mamba` put it once the model has grown."""
+    if s.referent_layer is None:
+        return s.memory_layer % depth
+    start = s.grow_from or s.model.n_layer
+    k = s.referent_layer % start
+    if depth == start:
+        return k
+    return spread_positions(start, depth)[k] if s.grow_spread else k
 
 
 def grow_mamba(small, n_layer: int, seed: int = 0, positions: list[int] | None = None, **init):
@@ -387,17 +403,18 @@ class TurnEncoder:
 
 
 def answer_loss(model, visual: torch.Tensor, ids: torch.Tensor, labels: torch.Tensor,
-                state_layer: int | None = None):
+                state_layer: int | tuple[int, ...] | None = None):
     """Mean cross-entropy of the labelled text tokens of ``[visual][ids]``; ``visual`` are the projected patch
     embeddings (:meth:`MambaVLM.embed_visual`). Right padding needs no mask: the model is causal. With
     ``state_layer`` also the residual stream after that layer at every position, layer-normalised without
-    parameters, ``(batch, nv + T, d_model)``."""
+    parameters, ``(batch, nv + T, d_model)``; with a tuple of layers a tuple of such streams, in its order."""
     embeds = torch.cat([visual, model.lm.backbone.embedding(ids)], dim=1)
-    tapped = []
+    layers = (state_layer,) if isinstance(state_layer, int) else state_layer
+    tapped = {}
 
     def tap(seq):
-        if seq.layer == state_layer:
-            tapped.append(seq.stream())
+        if seq.layer in layers:
+            tapped[seq.layer] = seq.stream()
 
     out = model.lm(inputs_embeds=embeds, return_all_logits=True, hook=None if state_layer is None else tap)
     nv = visual.shape[1]
@@ -405,7 +422,8 @@ def answer_loss(model, visual: torch.Tensor, ids: torch.Tensor, labels: torch.Te
     loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
     if state_layer is None:
         return loss
-    return loss, F.layer_norm(tapped[0].float(), tapped[0].shape[-1:])
+    states = tuple(F.layer_norm(tapped[k].float(), tapped[k].shape[-1:]) for k in layers)
+    return loss, states[0] if isinstance(state_layer, int) else states
 
 
 def answer_start_positions(labels: torch.Tensor, n_visual: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -624,6 +642,26 @@ def standardize_tower(tower, features: torch.Tensor) -> torch.Tensor:
     return ((f - mean) / scale).half()
 
 
+def load_tower(tower, source) -> None:
+    """Copy into ``tower`` the vision tower of ``source``: a testbed folder (``model.safetensors``) or a training
+    checkpoint (``last.pt``, or the folder holding one), standardisation buffers included. The two must have the
+    same tower shape."""
+    source = Path(source)
+    if source.is_dir():
+        source = source / "model.safetensors" if (source / "model.safetensors").is_file() else source / "last.pt"
+    if not source.is_file():
+        raise FileNotFoundError(f"no testbed weights or last.pt at {source}")
+    if source.suffix == ".safetensors":
+        state = read_state_file(source)
+    else:
+        state = torch.load(source, map_location="cpu", weights_only=False)["model"]
+    prefix = "vision."
+    tower_state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    if not tower_state:
+        raise ValueError(f"{source} holds no vision tower weights")
+    tower.load_state_dict(tower_state)      # strict: a different tower shape fails here, naming the tensors
+
+
 def lr_at(step: int, s: TrainSettings, peak: float | None = None, total: int | None = None) -> float:
     """Linear warm-up over ``s.warmup`` steps to ``peak`` (default ``s.lr``), then cosine decay to
     ``s.min_lr_ratio * peak`` at step ``total`` (default ``s.steps``)."""
@@ -788,7 +826,10 @@ def train(s: TrainSettings, log=print) -> dict:
 
     geometry = (scene_file["image_size"], model.vision.image_size, model.vision.patch_size)
     image_paths = [p for p, _ in train_convs]
-    if resume is None and s.tower_steps > 0:
+    if resume is None and s.tower_from:
+        load_tower(model.vision, s.tower_from)
+        log(f"stage 1 skipped: the vision tower of {s.tower_from}")
+    elif resume is None and s.tower_steps > 0:
         log(f"stage 1: the vision tower alone, {s.tower_steps} steps of {s.tower_batch_size} images")
         pretrain_tower(model.vision, aux, image_paths,
                        lambda p: patch_targets(scene_of(p), *geometry), s, log=log)
@@ -808,7 +849,8 @@ def train(s: TrainSettings, log=print) -> dict:
         log(f"frozen tower: computing the patch features of {len(image_paths)} training images")
         cached = tower_features(model.vision, image_paths)
         if s.standardize and resume is None:
-            cached = standardize_tower(model.vision, cached)
+            if not s.tower_from:         # a loaded tower comes with its standardisation
+                cached = standardize_tower(model.vision, cached)
             with torch.no_grad():          # a background token (0 after standardising) enters the LM as 0
                 for m in model.projector.modules():
                     if isinstance(m, nn.Linear) and m.bias is not None:
@@ -872,8 +914,9 @@ def train(s: TrainSettings, log=print) -> dict:
                     for p, _ in picked]
             kept = features[torch.arange(len(rows)).unsqueeze(1), torch.tensor(rows, device=dev)]
         visual = model.projector(kept)
-        tap = s.memory_layer % model.lm.config.n_layer
-        loss, states = answer_loss(model, visual, ids, labels, state_layer=tap)
+        depth = model.lm.config.n_layer
+        tap, named_tap = s.memory_layer % depth, referent_tap(s, depth)
+        loss, (states, named_states) = answer_loss(model, visual, ids, labels, state_layer=(tap, named_tap))
         nv = visual.shape[1]
         if cached is None:
             targets = [patch_targets(scene_of(p), *geometry) for p, _ in picked]
@@ -897,9 +940,10 @@ def train(s: TrainSettings, log=print) -> dict:
                      for j, r, c in encoder.name_positions(scene_of(p), conv)]
             if found:
                 b, at, r, c = (torch.tensor(v, device=dev) for v in zip(*found))
-                mem_loss = mem_loss + s.referent_weight * memory.named_loss(states[b, at], torch.stack([r, c], 1))
+                mem_loss = mem_loss + s.referent_weight * memory.named_loss(named_states[b, at], torch.stack([r, c], 1))
         elif s.referent_weight:
             # where the objects the question names are, where its answer starts: recall by description
+            states = named_states
             named_at = torch.stack([referent_targets(scene_of(p), q) for (p, _), conv in zip(picked, turns)
                                     for q, _ in conv]).to(dev)
             if len(named_at) != len(rows):
@@ -960,6 +1004,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name in ("d_model", "n_layer", "d_state", "expand"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d.model, name),
                        help=f"the language model's {name} (TestbedConfig)")
+    p.add_argument("--tower-from", default=d.tower_from,
+                   help="skip stage 1 and take the vision tower (standardisation included) from this testbed "
+                        "folder or training checkpoint (last.pt or its folder): to try stage-2 recipes on one tower")
+    p.add_argument("--referent-layer", type=int, default=d.referent_layer,
+                   help="the layer after which --referent-weight's read-out reads (0-based, of the model training "
+                        "starts with; after --grow-from it follows that layer to its new depth); default "
+                        "--memory-layer's")
     p.add_argument("--referent-at", choices=("answer", "names"), default=d.referent_at,
                    help="where the referent read-out (--referent-weight) reads the named objects' cells: where "
                         "each answer starts, or at the last token of each object's name in the question")
