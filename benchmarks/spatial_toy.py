@@ -25,11 +25,14 @@ Which of the two blocks it: with each named object's row and column embeddings a
 99%, and the captions leave chance at step 4250 (70.1%) and reach 97.1% at 6000. Recall, not the relation, is
 the first block, and supervising it where the caption names the objects opens it; with five objects (the
 default) recall at the names reaches 98% by step 6250 but the captions are still at one answer's share at 8000.
+``--recall-layer 0`` reads ``--name-recall`` after the first of the two layers, so the second can carry and
+compare what was recalled: with five objects recall at the names reaches 98% by step 3250 (not 6250), but the
+captions were still at one answer's share at step 4250, when that run was stopped.
 ``--where`` trains recall elsewhere instead (``<Q> colour shape WHERE`` -> row and column, a linear head on
 the last state), the toy's form of ``train-testbed --where-per-image``.
 
     python benchmarks/spatial_toy.py [--steps 3000] [--question-first] [--layers 2] [--d-state 16] [--objects 5]
-        [--given-positions] [--name-recall W] [--where FRACTION]
+        [--given-positions] [--name-recall W [--recall-layer K]] [--where FRACTION]
 """
 import argparse
 import time

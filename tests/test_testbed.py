@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mambaprune.data.readers import Sample, load_dataset
+from mambaprune.data.readers import VSR_PROMPT, Sample, load_dataset
 from mambaprune.data.synthvqa import CODE_ALPHABET, FAMILIES, SynthConfig, generate_synthvqa
 from mambaprune.eval.evaluate import answer_samples, score_samples
 from mambaprune.models import load_model
@@ -288,6 +289,8 @@ def test_referent_targets_and_their_loss(synth_small):
     caption = scene["questions"]["spatial"]["caption"]
     subj, obj = question_referents(scene, "spatial", caption)
     assert referent_targets(scene, caption).tolist() == [subj["row"], subj["col"], obj["row"], obj["col"]]
+    asked = VSR_PROMPT.format(caption=caption)                       # as the VSR reader gives it
+    assert referent_targets(scene, asked).tolist() == [subj["row"], subj["col"], obj["row"], obj["col"]]
     attr = scene["questions"]["attr"]["question"]
     named = question_referents(scene, "attr", attr)
     t = referent_targets(scene, attr).tolist()
@@ -341,6 +344,21 @@ def test_name_positions_point_at_the_last_token_of_each_name(synth_small):
         for family in ("spatial", "attr"):
             q = scene["questions"][family]
             assert enc.name_positions(scene, [(q.get("caption") or q["question"], "x")])
+    # and in the questions training asks, as the readers give them (VSR's caption inside its prompt)
+    scenes = {sc["image_id"]: sc for sc in load_scenes(synth_small, "train")}
+    n_named = Counter()
+    for image, turns in conversations(synth_small, "train"):
+        scene = scenes[int(Path(image).stem)]
+        for q, a in turns:
+            found = enc.name_positions(scene, [(q, a)])
+            n_named[q.startswith("Is this statement")] += len(found)
+            if q.startswith("Is this statement"):
+                assert len(found) == 2 and referent_targets(scene, q).ne(IGNORE).all()
+                ids, _ = enc.encode([(q, a)])
+                caption = scene["questions"]["spatial"]
+                assert tok.decode(ids[:found[0][0] + 1]).endswith(caption["subj"])
+                assert tok.decode(ids[:found[1][0] + 1]).endswith(caption["obj"])
+    assert n_named[True] == 2 * len(scenes) and n_named[False] > 0
 
 
 def test_training_asks_the_where_questions_it_is_told_to(synth_small, tmp_path, monkeypatch):

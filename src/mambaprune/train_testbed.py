@@ -34,7 +34,9 @@ moments of the carried-over parameters are kept (the deep phase peaks at ``lr * 
 stage-1 read-out as much as all the empty ones (so the tower learns to read them); ``referent_weight`` adds a
 read-out, where each answer starts, of the grid row and column of the objects the question names
 (:func:`referent_targets`), or with ``referent_at = "names"`` of each named object's cell at the last token of
-its name (:meth:`TurnEncoder.name_positions`). A
+its name (:meth:`TurnEncoder.name_positions`), read after layer ``referent_layer`` (:func:`referent_tap`; default
+``memory_layer``'s). ``tower_from`` skips stage 1 and takes the tower of a trained testbed or checkpoint
+(:func:`load_tower`), so stage-2 recipes can be compared on one tower. A
 shallow Mamba leaves the plateau of recall tasks far sooner than a 16-layer one (``benchmarks/recall_plateau.py``).
 An optional token curriculum (``token_curriculum``, :func:`curriculum_positions`) trains first on the content
 patches of each image only and grows the visual sequence to the full grid. AdamW, linear warm-up then cosine
@@ -63,7 +65,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .data.readers import load_dataset
+from .data.readers import VSR_PROMPT, load_dataset
 from .data.synthvqa import (CATEGORIES as CATEGORY_NAMES, CODE_ALPHABET, COLORS, FAMILIES, GLYPH_H, GLYPH_W, GRID,
                              SHAPES, SIZES, extra_questions, question_referents, referent_name_spans,
                              where_questions)
@@ -381,11 +383,11 @@ class TurnEncoder:
         out, at = [], 0
         for question, answer in turns:
             prompt = testbed_prompt(question)
-            family = question_family(question)
+            family, text = named_question(question)
             if family is not None:
-                q0 = prompt.index(question)
+                q0 = prompt.index(text)
                 ends = self._tokenized(prompt)[1]
-                for obj, (_, end) in referent_name_spans(scene, family, question):
+                for obj, (_, end) in referent_name_spans(scene, family, text):
                     out.append((at + ends.index(q0 + end), obj["row"], obj["col"]))
             at += len(self.ids(prompt)) + len(self.ids(answer)) + 1
         return out
@@ -470,14 +472,17 @@ def memory_targets(scene: dict, scene_size: int, image_size: int, patch_size: in
 REFERENT_SLOTS = 2        # objects a question can name (question_referents)
 
 
-def question_family(question: str) -> str | None:
-    """"spatial" or "attr" for the SynthVQA templates that name objects (captions start with "The ", attr
-    questions with "What color/shape/size"), None for the others."""
-    if question.startswith("The "):
-        return "spatial"
+def named_question(question: str) -> tuple[str | None, str]:
+    """``(family, text)`` for the SynthVQA templates that name objects: "spatial" with the caption (a question
+    as the VSR reader gives it, ``VSR_PROMPT`` around the caption, or the bare caption: it starts with "The "),
+    "attr" with the question ("What color/shape/size ..."); ``(None, question)`` for the others."""
+    prefix = VSR_PROMPT.split("{caption}")[0]
+    text = question[len(prefix):] if question.startswith(prefix) else question
+    if text.startswith("The "):
+        return "spatial", text
     if question.split(" ", 2)[:2] in (["What", "color"], ["What", "shape"], ["What", "size"]):
-        return "attr"
-    return None
+        return "attr", question
+    return None, question
 
 
 def referent_targets(scene: dict, question: str) -> torch.Tensor:
@@ -485,11 +490,11 @@ def referent_targets(scene: dict, question: str) -> torch.Tensor:
     (:func:`~mambaprune.data.synthvqa.question_referents`: a spatial caption's subject and object, an attr
     question's object, or its reference object and the object beside it), IGNORE for the slots it leaves empty
     and for the families that name kinds rather than objects (exist, count, read). The family is told by the
-    template: captions start with "The ", attr questions with "What color/shape/size"."""
-    family = question_family(question)
+    template (:func:`named_question`)."""
+    family, text = named_question(question)
     out = torch.full((2 * REFERENT_SLOTS,), IGNORE, dtype=torch.long)
     if family is not None:
-        for k, obj in enumerate(question_referents(scene, family, question)):
+        for k, obj in enumerate(question_referents(scene, family, text)):
             out[2 * k], out[2 * k + 1] = obj["row"], obj["col"]
     return out
 
@@ -886,7 +891,8 @@ def train(s: TrainSettings, log=print) -> dict:
         turns = []
         for path, base in picked:
             extra = extra_questions(scene_of(path), rng, s.extra_per_family)
-            both = list(base) + [(q, a) for _, q, a in extra]
+            # the extra captions asked as the VSR reader asks the split's own
+            both = list(base) + [(VSR_PROMPT.format(caption=q) if f == "spatial" else q, a) for f, q, a in extra]
             if s.where_per_image:
                 both += where_questions(scene_of(path), rng, s.where_per_image)
             turns.append(rng.sample(both, len(both)))

@@ -1,0 +1,79 @@
+"""Does a testbed run recall where the objects its questions name are? The names read-out on validation questions.
+
+    python benchmarks/testbed_name_recall.py RUN_DIR --data SYNTH --layer K [--images 300] [--family spatial]
+
+``RUN_DIR`` is a ``train-testbed --out`` folder holding ``last.pt`` of a run trained with ``--referent-weight W
+--referent-at names`` (the read-out, :meth:`~mambaprune.train_testbed.MemoryHead.named_loss`, is not shipped);
+``--layer`` is the layer after which that run read it (``--referent-layer``, or ``--memory-layer`` modulo the
+depth; followed through a growth by :func:`~mambaprune.train_testbed.referent_tap`). Each of the first
+``--images`` validation images is asked its ``--family`` question alone, as the harness asks it; at the last
+token of each object the question names (:meth:`~mambaprune.train_testbed.TurnEncoder.name_positions`) the
+read-out's row and column are compared with the object's grid cell. Printed: the row, column and cell (both)
+accuracy over the named objects (chance 1/4 for a row or a column of the 4 x 4 grid), and how often every token
+of the reference answer is the model's most likely one (teacher-forced) on those questions.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def name_recall(run: Path, data: Path, layer: int, n_images: int = 300, family: str = "spatial") -> dict:
+    from mambaprune.data.readers import load_dataset
+    from mambaprune.data.synthvqa import GRID, load_scenes
+    from mambaprune.models.testbed import TestbedConfig, build_testbed
+    from mambaprune.models.vlm import load_tokenizer
+    from mambaprune.train_testbed import IGNORE, REFERENT_SLOTS, MemoryHead, TurnEncoder, answer_loss
+
+    ck = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
+    model = build_testbed(TestbedConfig.from_dict(ck["config"]), load_tokenizer(run / "tokenizer"))
+    model.load_state_dict(ck["model"])
+    model.eval()
+    memory = MemoryHead(model.lm.config.d_model)
+    memory.load_state_dict(ck["memory"])
+    scenes = {sc["image_id"]: sc for sc in load_scenes(data, "val")}
+    samples = [s for s in load_dataset("synthvqa", data, "val") if s.group == f"synthvqa:{family}"][:n_images]
+    if not samples:
+        raise ValueError(f"no {family} questions in the val split of {data}")
+    encoder = TurnEncoder(model.tokenizer)
+    rows, cols, answered = [], [], 0
+    with torch.no_grad():
+        for s in samples:
+            scene = scenes[int(Path(s.image).stem)]
+            turns = [(s.question, s.answers[0])]
+            named = encoder.name_positions(scene, turns)
+            ids, labels = encoder.batch([turns])
+            visual = model.embed_visual(model.vision.preprocess(s.image))
+            _, states = answer_loss(model, visual, ids, labels, state_layer=layer % model.lm.config.n_layer)
+            nv = visual.shape[1]
+            for j, r, c in named:
+                logits = memory.referent(states[0, nv + j]).reshape(2 * REFERENT_SLOTS, GRID)[:2]   # as named_loss
+                rows.append(int(logits[0].argmax()) == r)
+                cols.append(int(logits[1].argmax()) == c)
+            # teacher-forced: is every token of the reference answer the model's most likely one?
+            pred = model.lm(inputs_embeds=torch.cat([visual, model.lm.backbone.embedding(ids)], 1),
+                            return_all_logits=True).logits[0, nv - 1:-1].argmax(-1)
+            answer_at = labels[0] != IGNORE
+            answered += bool(torch.equal(pred[answer_at], labels[0][answer_at]))
+    both = [a and b for a, b in zip(rows, cols)]
+    return {"names": len(rows), "row": sum(rows) / len(rows), "column": sum(cols) / len(cols),
+            "cell": sum(both) / len(both), "answers": answered / len(samples), "questions": len(samples)}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("run", type=Path)
+    p.add_argument("--data", type=Path, required=True)
+    p.add_argument("--layer", type=int, required=True, help="the layer after which the run read the names")
+    p.add_argument("--images", type=int, default=300)
+    p.add_argument("--family", default="spatial", choices=("spatial", "attr"))
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    print(json.dumps(name_recall(a.run, a.data, a.layer, a.images, a.family), indent=1))
+
+
+if __name__ == "__main__":
+    main()
