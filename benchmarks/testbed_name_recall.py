@@ -11,6 +11,11 @@ token of each object the question names (:meth:`~mambaprune.train_testbed.TurnEn
 read-out's row and column are compared with the object's grid cell. Printed: the row, column and cell (both)
 accuracy over the named objects (chance 1/4 for a row or a column of the 4 x 4 grid), and how often every token
 of the reference answer is the model's most likely one (teacher-forced) on those questions.
+
+Measured (300 validation captions, 600 named objects; runs 35 and 36 of the README, run 30's command with the
+names read-out after the last layer or after layer 0): run 35 found the row of 38, 45, 57 and 72% of the named
+objects at steps 2700, 4300, 5200 and 6900 of the shallow phase (150-200 captions before 6900), the column of
+30-37% (chance 25% each); run 36, at step 6900, 46% and 34%. Its answers were at chance throughout (48-53%).
 """
 from __future__ import annotations
 
