@@ -377,6 +377,20 @@ def test_training_asks_the_where_questions_it_is_told_to(synth_small, tmp_path, 
             assert all(re.fullmatch(r"row [1-4], column [1-4]", a) for _, a in where)
 
 
+def test_extra_captions_are_asked_as_the_vsr_reader_asks_them(synth_small, tmp_path, monkeypatch):
+    import mambaprune.train_testbed as tt
+    seen = []
+    batch = tt.TurnEncoder.batch
+    monkeypatch.setattr(tt.TurnEncoder, "batch", lambda self, turns: seen.append(turns) or batch(self, turns))
+    s = TrainSettings(data=str(synth_small), out=str(tmp_path), steps=2, batch_size=2, warmup=1, eval_every=10,
+                      eval_per_family=1, test_per_family=1, extra_per_family=2, model=TINY)
+    train(s, log=lambda m: None)
+    questions = [q for turns in seen for conv in turns for q, _ in conv]
+    captions = [q for q in questions if tt.named_question(q)[0] == "spatial"]
+    assert len(captions) > sum(len(turns) for turns in seen)   # each image's own caption, and extra ones
+    assert all(q.startswith(VSR_PROMPT.format(caption="")) for q in captions)
+
+
 def test_visual_penalties_by_hand():
     v = torch.tensor([[[3.0, 4.0], [0.0, 0.0]],        # image 0: tokens of RMS sqrt(12.5) and 0
                       [[1.0, 0.0], [0.0, 2.0]]])       # image 1: tokens of RMS sqrt(0.5) and sqrt(2)
