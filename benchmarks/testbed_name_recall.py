@@ -28,10 +28,10 @@ import torch
 
 def name_recall(run: Path, data: Path, layer: int, n_images: int = 300, family: str = "spatial") -> dict:
     from mambaprune.data.readers import load_dataset
-    from mambaprune.data.synthvqa import GRID, load_scenes
+    from mambaprune.data.synthvqa import load_scenes
     from mambaprune.models.testbed import TestbedConfig, build_testbed
     from mambaprune.models.vlm import load_tokenizer
-    from mambaprune.train_testbed import IGNORE, REFERENT_SLOTS, MemoryHead, TurnEncoder, answer_loss
+    from mambaprune.train_testbed import IGNORE, MemoryHead, TurnEncoder, answer_loss
 
     ck = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
     model = build_testbed(TestbedConfig.from_dict(ck["config"]), load_tokenizer(run / "tokenizer"))
@@ -54,10 +54,11 @@ def name_recall(run: Path, data: Path, layer: int, n_images: int = 300, family: 
             visual = model.embed_visual(model.vision.preprocess(s.image))
             _, states = answer_loss(model, visual, ids, labels, state_layer=layer % model.lm.config.n_layer)
             nv = visual.shape[1]
-            for j, r, c in named:
-                logits = memory.referent(states[0, nv + j]).reshape(2 * REFERENT_SLOTS, GRID)[:2]   # as named_loss
-                rows.append(int(logits[0].argmax()) == r)
-                cols.append(int(logits[1].argmax()) == c)
+            if named:
+                at = torch.tensor([nv + j for j, _, _ in named])
+                row, col = memory.named_logits(states[0, at]).argmax(-1).T.tolist()
+                rows += [p == r for p, (_, r, _) in zip(row, named)]
+                cols += [p == c for p, (_, _, c) in zip(col, named)]
             # teacher-forced: is every token of the reference answer the model's most likely one?
             pred = model.lm(inputs_embeds=torch.cat([visual, model.lm.backbone.embedding(ids)], 1),
                             return_all_logits=True).logits[0, nv - 1:-1].argmax(-1)

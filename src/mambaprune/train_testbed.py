@@ -200,9 +200,7 @@ def referent_tap(s: "TrainSettings", depth: int) -> int:
         return s.memory_layer % depth
     start = s.grow_from or s.model.n_layer
     k = s.referent_layer % start
-    if depth == start:
-        return k
-    return spread_positions(start, depth)[k] if s.grow_spread else k
+    return spread_positions(start, depth)[k] if s.grow_spread and depth != start else k
 
 
 def grow_mamba(small, n_layer: int, seed: int = 0, positions: list[int] | None = None, **init):
@@ -424,7 +422,8 @@ def answer_loss(model, visual: torch.Tensor, ids: torch.Tensor, labels: torch.Te
     loss = F.cross_entropy(pred.reshape(-1, pred.shape[-1]).float(), labels.reshape(-1), ignore_index=IGNORE)
     if state_layer is None:
         return loss
-    states = tuple(F.layer_norm(tapped[k].float(), tapped[k].shape[-1:]) for k in layers)
+    normed = {k: F.layer_norm(v.float(), v.shape[-1:]) for k, v in tapped.items()}   # once per layer
+    states = tuple(normed[k] for k in layers)
     return loss, states[0] if isinstance(state_layer, int) else states
 
 
@@ -523,11 +522,15 @@ class MemoryHead(nn.Module):
             return logits.sum() * 0.0
         return F.cross_entropy(logits, targets, ignore_index=IGNORE)
 
+    def named_logits(self, states: torch.Tensor) -> torch.Tensor:
+        """``(n, 2, GRID)``: the grid row and column logits of the object named at each of ``states`` ``(n, dim)``
+        (the last token of its name), read by the first slot of the referent read-out."""
+        return self.referent(states.float()).reshape(-1, 2 * REFERENT_SLOTS, GRID)[:, :2]
+
     def named_loss(self, states: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the grid row and column ``cells`` ``(n, 2)`` of the objects named at ``states``
-        ``(n, dim)`` (the last token of each name), read by the first slot of the referent read-out."""
-        logits = self.referent(states.float()).reshape(-1, 2 * REFERENT_SLOTS, GRID)[:, :2]
-        return F.cross_entropy(logits.reshape(-1, GRID), cells.reshape(-1))
+        (:meth:`named_logits`)."""
+        return F.cross_entropy(self.named_logits(states).reshape(-1, GRID), cells.reshape(-1))
 
     def loss(self, states: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
         present, counts, code, where = self.proj(states.float()).split(self.sizes, dim=-1)
@@ -949,12 +952,11 @@ def train(s: TrainSettings, log=print) -> dict:
                 mem_loss = mem_loss + s.referent_weight * memory.named_loss(named_states[b, at], torch.stack([r, c], 1))
         elif s.referent_weight:
             # where the objects the question names are, where its answer starts: recall by description
-            states = named_states
             named_at = torch.stack([referent_targets(scene_of(p), q) for (p, _), conv in zip(picked, turns)
                                     for q, _ in conv]).to(dev)
             if len(named_at) != len(rows):
                 raise RuntimeError(f"{len(rows)} answer starts for {len(named_at)} turns")
-            mem_loss = mem_loss + s.referent_weight * memory.referent_loss(states[rows, pos], named_at)
+            mem_loss = mem_loss + s.referent_weight * memory.referent_loss(named_states[rows, pos], named_at)
         rms_loss = s.visual_rms_weight * visual_rms_penalty(visual, per_token=not s.visual_rms_global)
         if s.visual_shared_weight:
             rms_loss = rms_loss + s.visual_shared_weight * visual_shared_penalty(visual)
