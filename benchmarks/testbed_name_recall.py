@@ -1,6 +1,7 @@
 """Does a testbed run recall where the objects its questions name are? The names read-out on validation questions.
 
     python benchmarks/testbed_name_recall.py RUN_DIR --data SYNTH --layer K [--images 300] [--family spatial]
+        [--code class|ordinal]
 
 ``RUN_DIR`` is a ``train-testbed --out`` folder holding ``last.pt`` of a run trained with ``--referent-weight W
 --referent-at names`` (the read-out, :meth:`~mambaprune.train_testbed.MemoryHead.named_loss`, is not shipped);
@@ -26,11 +27,13 @@ from pathlib import Path
 import torch
 
 
-def name_recall(run: Path, data: Path, layer: int, n_images: int = 300, family: str = "spatial") -> dict:
+def name_recall(run: Path, data: Path, layer: int, n_images: int = 300, family: str = "spatial",
+                code: str = "class") -> dict:
     from mambaprune.data.readers import load_dataset
     from mambaprune.data.synthvqa import load_scenes
     from mambaprune.models.testbed import TestbedConfig, build_testbed
     from mambaprune.models.vlm import load_tokenizer
+    from mambaprune.data.synthvqa import GRID
     from mambaprune.train_testbed import IGNORE, MemoryHead, TurnEncoder, answer_loss
 
     ck = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
@@ -38,7 +41,9 @@ def name_recall(run: Path, data: Path, layer: int, n_images: int = 300, family: 
     model.load_state_dict(ck["model"])
     model.eval()
     memory = MemoryHead(model.lm.config.d_model)
-    memory.load_state_dict(ck["memory"])
+    missing, unexpected = memory.load_state_dict(ck["memory"], strict=False)
+    if unexpected or any(not k.startswith("ordinal.") for k in missing) or (code == "ordinal" and missing):
+        raise ValueError(f"{run / 'last.pt'} holds another read-out: missing {missing}, unexpected {unexpected}")
     scenes = {sc["image_id"]: sc for sc in load_scenes(data, "val")}
     samples = [s for s in load_dataset("synthvqa", data, "val") if s.group == f"synthvqa:{family}"][:n_images]
     if not samples:
@@ -56,7 +61,11 @@ def name_recall(run: Path, data: Path, layer: int, n_images: int = 300, family: 
             nv = visual.shape[1]
             if named:
                 at = torch.tensor([nv + j for j, _, _ in named])
-                row, col = memory.named_logits(states[0, at]).argmax(-1).T.tolist()
+                if code == "ordinal":     # the nearest of the GRID positions on the line -1 .. 1
+                    cells = ((memory.named_ordinal(states[0, at]) + 1) * (GRID - 1) / 2).round()
+                    row, col = cells.clamp(0, GRID - 1).long().T.tolist()
+                else:
+                    row, col = memory.named_logits(states[0, at]).argmax(-1).T.tolist()
                 rows += [p == r for p, (_, r, _) in zip(row, named)]
                 cols += [p == c for p, (_, _, c) in zip(col, named)]
             # teacher-forced: is every token of the reference answer the model's most likely one?
@@ -76,9 +85,11 @@ def main():
     p.add_argument("--layer", type=int, required=True, help="the layer after which the run read the names")
     p.add_argument("--images", type=int, default=300)
     p.add_argument("--family", default="spatial", choices=("spatial", "attr"))
+    p.add_argument("--code", default="class", choices=("class", "ordinal"),
+                   help="the run's --referent-code (ordinal: the nearest grid position to each scalar)")
     a = p.parse_args()
     torch.set_num_threads(1)
-    print(json.dumps(name_recall(a.run, a.data, a.layer, a.images, a.family), indent=1))
+    print(json.dumps(name_recall(a.run, a.data, a.layer, a.images, a.family, a.code), indent=1))
 
 
 if __name__ == "__main__":

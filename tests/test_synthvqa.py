@@ -2,6 +2,7 @@
 import hashlib
 import itertools
 import json
+import re
 from collections import Counter
 
 import numpy as np
@@ -13,7 +14,8 @@ from mambaprune.data import SynthConfig, available_datasets, generate_synthvqa, 
 from mambaprune.data.readers import VSR_PROMPT, read_pope
 from mambaprune.data.synthvqa import (CATEGORIES, FAMILIES, GLYPHS, POPE_VARIANTS, SPLITS, TEXT_COLOR,
                                       answer_question, code_mask, family_files, load_scenes, question_referents,
-                                      referent_name_spans, render_scene, where_questions)
+                                      recall_questions, referent_name_spans, render_scene,
+                                      where_questions)
 from mambaprune.eval.metrics import get_metric
 
 CONFIG = SynthConfig(seed=3, per_family=30, train_multiplier=2)
@@ -163,6 +165,26 @@ def test_where_questions_give_the_named_objects_cell(synth):
         asked += len(got)
     assert asked >= 2 * len(load_scenes(synth, "train"))          # most scenes have three nameable objects
     assert where_questions(load_scenes(synth, "train")[0], random.Random(0), n=0) == []
+
+
+def test_recall_questions_ask_one_named_objects_attribute(synth):
+    import random
+    asked = Counter()
+    for scene in load_scenes(synth, "train"):
+        objects = scene["objects"]
+        got = recall_questions(scene, random.Random(scene["image_id"]), n=4)
+        assert got == recall_questions(scene, random.Random(scene["image_id"]), n=4)
+        assert len(got) <= 4 and len({q for q, _ in got}) == len(got)
+        for question, answer in got:
+            kind, rest = re.fullmatch(r"What (color|shape|size) is the (.+)\?", question).groups()
+            words = rest.removesuffix(" object").split()
+            named = [o for o in objects if all(w in (o["size"], o["color"], o["shape"]) for w in words)]
+            assert len(named) == 1, question                       # the phrase singles one object out
+            assert named[0][kind] not in words                      # the phrase does not give the answer away
+            assert answer == named[0][kind] == answer_question(scene, "attr", question)
+            asked[kind] += 1
+    assert min(asked.values()) >= len(load_scenes(synth, "train"))  # every kind asked, about once a scene or more
+    assert recall_questions(load_scenes(synth, "train")[0], random.Random(0), n=0) == []
 
 
 def test_images_are_the_scenes(synth):

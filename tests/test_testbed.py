@@ -310,12 +310,27 @@ def test_referent_targets_and_their_loss(synth_small):
     assert head.referent_loss(states[2:], targets[2:]).item() == 0.0
 
 
-@pytest.mark.parametrize("at", ["answer", "names"])
+def test_the_ordinal_names_read_out_by_hand():
+    from mambaprune.train_testbed import ordinal_cells
+    assert ordinal_cells(torch.tensor([0, 1, 2, 3])).tolist() == pytest.approx([-1, -1 / 3, 1 / 3, 1])
+    head = MemoryHead(8)
+    states, cells = torch.randn(3, 8), torch.tensor([[0, 3], [2, 1], [3, 3]])
+    pred = states @ head.ordinal.weight.T + head.ordinal.bias
+    target = torch.tensor([[-1, 1], [1 / 3, -1 / 3], [1, 1]])
+    assert torch.allclose(head.named_loss(states, cells, "ordinal"), ((pred - target) ** 2).mean(), atol=1e-6)
+    # the class code is the 4-way cross-entropy of the first slot, as before
+    assert torch.allclose(head.named_loss(states, cells),
+                          F.cross_entropy(head.named_logits(states).reshape(-1, 4), cells.reshape(-1)))
+    with pytest.raises(ValueError, match="code"):
+        head.named_loss(states, cells, "onehot")
+
+
+@pytest.mark.parametrize("at,code", [("answer", "class"), ("names", "class"), ("names", "ordinal")])
 @pytest.mark.parametrize("layer", [None, 0])
-def test_training_with_the_referent_read_out_runs(synth_small, tmp_path, at, layer):
+def test_training_with_the_referent_read_out_runs(synth_small, tmp_path, at, code, layer):
     s = TrainSettings(data=str(synth_small), out=str(tmp_path), steps=2, batch_size=2, warmup=1, eval_every=10,
                       eval_per_family=1, test_per_family=1, referent_weight=1.0, referent_at=at, model=TINY,
-                      referent_layer=layer)
+                      referent_layer=layer, referent_code=code)
     rows = []
     train(s, log=lambda m: rows.append(m))
     logged = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
@@ -375,6 +390,23 @@ def test_training_asks_the_where_questions_it_is_told_to(synth_small, tmp_path, 
             where = [(q, a) for q, a in conv if q.startswith("Where is the ")]
             assert 1 <= len(where) <= 2 and len(conv) == len(FAMILIES) + len(where)
             assert all(re.fullmatch(r"row [1-4], column [1-4]", a) for _, a in where)
+
+
+def test_training_asks_the_recall_questions_it_is_told_to(synth_small, tmp_path, monkeypatch):
+    import mambaprune.train_testbed as tt
+    seen = []
+    batch = tt.TurnEncoder.batch
+    monkeypatch.setattr(tt.TurnEncoder, "batch", lambda self, turns: seen.append(turns) or batch(self, turns))
+    s = TrainSettings(data=str(synth_small), out=str(tmp_path), steps=2, batch_size=2, warmup=1, eval_every=10,
+                      eval_per_family=1, test_per_family=1, extra_per_family=0, recall_per_image=3, model=TINY)
+    train(s, log=lambda m: None)
+    assert len(seen) == 2
+    single = re.compile(r"What (color|shape|size) is the (?!object directly)[a-z ]+\?")
+    for turns in seen:                 # each image: its five benchmark questions and up to three recall ones
+        for conv in turns:
+            extra = len(conv) - len(FAMILIES)
+            assert 1 <= extra <= 3
+            assert sum(bool(single.fullmatch(q)) for q, _ in conv) >= extra   # (+ its own attr one, maybe)
 
 
 def test_extra_captions_are_asked_as_the_vsr_reader_asks_them(synth_small, tmp_path, monkeypatch):

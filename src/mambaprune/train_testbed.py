@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from .data.readers import VSR_PROMPT, load_dataset
 from .data.synthvqa import (CATEGORIES as CATEGORY_NAMES, CODE_ALPHABET, COLORS, FAMILIES, GLYPH_H, GLYPH_W, GRID,
                              SHAPES, SIZES, extra_questions, question_referents, referent_name_spans,
-                             where_questions)
+                             recall_questions, where_questions)
 from .eval.evaluate import answer_samples, score_samples
 from .models.checkpoints import read_state_file
 from .models.mamba_lm import MambaConfig, MambaLM
@@ -95,6 +95,7 @@ class TrainSettings:
     turn_memory_weight: float = 1.0
     referent_weight: float = 0.0
     referent_at: str = "answer"
+    referent_code: str = "class"
     memory_layer: int = 11
     referent_layer: int | None = None
     a_init_scale: float = 64.0
@@ -106,6 +107,7 @@ class TrainSettings:
     dt_max: float = 0.5
     extra_per_family: int = 2
     where_per_image: int = 0
+    recall_per_image: int = 0
     seed: int = 0
     eval_every: int = 100
     eval_per_family: int = 60
@@ -498,6 +500,11 @@ def referent_targets(scene: dict, question: str) -> torch.Tensor:
     return out
 
 
+def ordinal_cells(cells: torch.Tensor) -> torch.Tensor:
+    """Grid rows or columns ``0 .. GRID - 1`` mapped linearly onto ``-1 .. 1`` (float)."""
+    return cells.float() * (2 / (GRID - 1)) - 1
+
+
 class MemoryHead(nn.Module):
     """A linear read-out of the language model's final states at the visual positions, used only in training
     (not shipped): predicting what the scan has seen so far (:func:`memory_targets`) teaches the SSM to write the
@@ -512,6 +519,7 @@ class MemoryHead(nn.Module):
         self.sizes = (n_cat, 5 * (len(SHAPES) + len(COLORS)), code_slots * (len(CODE_ALPHABET) + 1), n_cat * 2 * 5)
         self.proj = nn.Linear(dim, sum(self.sizes))
         self.referent = nn.Linear(dim, REFERENT_SLOTS * 2 * GRID)
+        self.ordinal = nn.Linear(dim, 2)
 
     def referent_loss(self, states: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of :func:`referent_targets` (``(n, 2 * REFERENT_SLOTS)``, IGNORE where a question names
@@ -527,9 +535,20 @@ class MemoryHead(nn.Module):
         (the last token of its name), read by the first slot of the referent read-out."""
         return self.referent(states.float()).reshape(-1, 2 * REFERENT_SLOTS, GRID)[:, :2]
 
-    def named_loss(self, states: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the grid row and column ``cells`` ``(n, 2)`` of the objects named at ``states``
-        (:meth:`named_logits`)."""
+    def named_ordinal(self, states: torch.Tensor) -> torch.Tensor:
+        """``(n, 2)``: the grid row and column of the object named at each of ``states`` ``(n, dim)`` as one scalar
+        each, -1 at the first row / column and 1 at the last (:func:`ordinal_cells`)."""
+        return self.ordinal(states.float())
+
+    def named_loss(self, states: torch.Tensor, cells: torch.Tensor, code: str = "class") -> torch.Tensor:
+        """The loss of the grid row and column ``cells`` ``(n, 2)`` of the objects named at ``states``: the
+        cross-entropy of :meth:`named_logits` (``code="class"``), or the squared error of :meth:`named_ordinal`
+        against :func:`ordinal_cells` (``code="ordinal"``: positions on a line, which two recalled objects
+        can be compared by as a difference)."""
+        if code == "ordinal":
+            return F.mse_loss(self.named_ordinal(states), ordinal_cells(cells))
+        if code != "class":
+            raise ValueError(f"code must be 'class' or 'ordinal', got {code!r}")
         return F.cross_entropy(self.named_logits(states).reshape(-1, GRID), cells.reshape(-1))
 
     def loss(self, states: torch.Tensor, t: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -794,6 +813,9 @@ def train(s: TrainSettings, log=print) -> dict:
         raise ValueError(f"grow_at {s.grow_at} must be a fraction of the steps in (0, 1)")
     if s.referent_at not in ("answer", "names"):
         raise ValueError(f"referent_at must be 'answer' or 'names', got {s.referent_at!r}")
+    if s.referent_code not in ("class", "ordinal") or (s.referent_code == "ordinal" and s.referent_at != "names"):
+        raise ValueError(f"referent_code must be 'class' or, with referent_at 'names', 'ordinal'; "
+                         f"got {s.referent_code!r}")
     if s.threads:
         torch.set_num_threads(s.threads)
     out = Path(s.out)
@@ -898,6 +920,8 @@ def train(s: TrainSettings, log=print) -> dict:
             both = list(base) + [(VSR_PROMPT.format(caption=q) if f == "spatial" else q, a) for f, q, a in extra]
             if s.where_per_image:
                 both += where_questions(scene_of(path), rng, s.where_per_image)
+            if s.recall_per_image:
+                both += recall_questions(scene_of(path), rng, s.recall_per_image)
             turns.append(rng.sample(both, len(both)))
         ids, labels = (t.to(dev) for t in encoder.batch(turns))
         if step == grow_at_step and model.lm.config.n_layer < s.model.n_layer:
@@ -949,7 +973,8 @@ def train(s: TrainSettings, log=print) -> dict:
                      for j, r, c in encoder.name_positions(scene_of(p), conv)]
             if found:
                 b, at, r, c = (torch.tensor(v, device=dev) for v in zip(*found))
-                mem_loss = mem_loss + s.referent_weight * memory.named_loss(named_states[b, at], torch.stack([r, c], 1))
+                mem_loss = mem_loss + s.referent_weight * memory.named_loss(named_states[b, at], torch.stack([r, c], 1),
+                                                                        s.referent_code)
         elif s.referent_weight:
             # where the objects the question names are, where its answer starts: recall by description
             named_at = torch.stack([referent_targets(scene_of(p), q) for (p, _), conv in zip(picked, turns)
@@ -1001,7 +1026,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a SynthVQA folder written by `mambaprune synth`")
     p.add_argument("--out", required=True, help="where the testbed folder (and last.pt, to resume) goes")
     for name in ("steps", "batch_size", "warmup", "seed", "eval_every", "eval_per_family", "test_per_family",
-                 "threads", "extra_per_family", "where_per_image", "memory_layer", "tower_steps", "tower_batch_size",
+                 "threads", "extra_per_family", "where_per_image", "recall_per_image", "memory_layer", "tower_steps", "tower_batch_size",
                  "curriculum_tokens", "grow_from"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "memory_weight",
@@ -1022,6 +1047,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--referent-at", choices=("answer", "names"), default=d.referent_at,
                    help="where the referent read-out (--referent-weight) reads the named objects' cells: where "
                         "each answer starts, or at the last token of each object's name in the question")
+    p.add_argument("--referent-code", choices=("class", "ordinal"), default=d.referent_code,
+                   help="with --referent-at names: read each named object's row and column as a 4-way class "
+                        "each (class) or as one scalar each, -1 at the first and 1 at the last (ordinal, a "
+                        "squared error: the code two recalled positions are compared by as a difference)")
     p.add_argument("--device", default=d.device, help="torch device to train on (default cpu)")
     p.add_argument("--visual-rms-global", action=argparse.BooleanOptionalAction, default=d.visual_rms_global,
                    help="the RMS penalty on all visual embeddings together instead of per token")

@@ -88,6 +88,7 @@ __all__ = [
     "referent_name_spans",
     "render_scene",
     "where_questions",
+    "recall_questions",
 ]
 
 FORMAT_VERSION = 1
@@ -574,6 +575,18 @@ def where_questions(scene: dict, rng: random.Random, n: int = 2) -> list[tuple[s
     named = [(o, name) for o in objects if (name := _name(o, objects))]
     return [(f"Where is the {name}?", f"row {o['row'] + 1}, column {o['col'] + 1}")
             for o, name in rng.sample(named, min(n, len(named)))]
+
+
+def recall_questions(scene: dict, rng: random.Random, n: int = 2) -> list[tuple[str, str]]:
+    """Up to ``n`` distinct single-object attribute questions about the scene in attr's own templates ("What
+    color is the star?", "What shape is the small red object?", "What size is the blue circle?"), for training:
+    each answer is one attribute of one object found by its name alone, i.e. one recall from the image by a
+    description, the step a ``spatial`` caption needs twice. (The benchmark's attr questions are these templates
+    and the two-object "directly left of" ones; about one image in eight asks a single-object one of a given
+    kind, so recall gets little direct signal from them.) ``[(question, answer)]``."""
+    candidates = _attr_candidates(scene["objects"])
+    pool = [(q["question"], q["answer"]) for key in ("color_of", "shape_of", "size_of") for q in candidates[key]]
+    return rng.sample(pool, min(n, len(pool)))
 
 
 # --- writing --------------------------------------------------------------------------------------------------------
