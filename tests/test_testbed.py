@@ -584,6 +584,26 @@ def test_training_runs_resumes_and_writes_a_loadable_testbed(synth_small, tmp_pa
     assert not torch.equal(first.lm.backbone.embedding.weight, second.lm.backbone.embedding.weight)
 
 
+def test_visual_aux_reads_the_projected_tokens_and_resumes(synth_small, tmp_path):
+    """--visual-aux-weight: the per-patch read-out of the projected tokens trains the projector (the tower is
+    frozen), is logged, is saved with the checkpoint, and a resumed run continues with it."""
+    s = TrainSettings(data=str(synth_small), out=str(tmp_path), steps=2, batch_size=2, warmup=1, eval_every=2,
+                      eval_per_family=1, test_per_family=1, freeze_tower=True, extra_per_family=0,
+                      visual_aux_weight=0.5, model=TINY)
+    train(s, log=lambda m: None)
+    rows = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert math.isfinite(rows[-1]["visual_aux_loss"]) and rows[-1]["visual_aux_loss"] > 0
+    saved = torch.load(tmp_path / "last.pt", map_location="cpu", weights_only=False)
+    head = AuxHead(TINY.d_model, TINY.image_size // TINY.patch_size)
+    assert saved["visual_aux"].keys() == head.state_dict().keys()
+    train(TrainSettings(**{**s.__dict__, "steps": 4}), log=lambda m: None)
+    rows = [json.loads(l) for l in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val" in r] == [2, 4] and "visual_aux_loss" in rows[-1]
+    without = TrainSettings(**{**s.__dict__, "out": str(tmp_path / "plain"), "visual_aux_weight": 0.0})
+    train(without, log=lambda m: None)
+    assert "visual_aux" not in torch.load(tmp_path / "plain" / "last.pt", map_location="cpu", weights_only=False)
+
+
 @pytest.mark.parametrize("spread", [False, True])
 def test_grown_training_deepens_at_its_step_and_resumes_across_the_growth(synth_small, tmp_path, spread):
     """grow_from=2 on a 4-layer LM (spread: the trained layers go to 0 and 2), growth at step 2 of 4. A run
