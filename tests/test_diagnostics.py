@@ -1,0 +1,60 @@
+"""The testbed diagnostics of benchmarks/: the position probe and the recall-by-name table."""
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from mambaprune.data.synthvqa import SynthConfig, answer_question, generate_synthvqa, load_scenes
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _module(name: str):
+    sys.path.insert(0, str(BENCH))
+    try:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    out = tmp_path_factory.mktemp("synth") / "data"
+    generate_synthvqa(out, SynthConfig(per_family=40, train_multiplier=1, image_size=160))
+    return out
+
+
+def test_probe_reads_a_linear_code_and_not_noise():
+    probe = _module("testbed_position_probe").probe_accuracy
+    gen = torch.Generator().manual_seed(0)
+    y = torch.randint(0, 4, (1000,), generator=gen)
+    # classes written along a random direction each, plus noise: a linear probe reads them
+    x = torch.nn.functional.one_hot(y, 4).float() @ torch.randn(4, 16, generator=gen)
+    x = x + 0.1 * torch.randn(1000, 16, generator=gen)
+    assert probe(x, y.tolist()) == 1.0
+    # features that do not depend on the class: held-out accuracy near 1/4
+    noise = torch.randn(1000, 16, generator=gen)
+    assert abs(probe(noise, y.tolist()) - 0.25) < 0.08
+    # class names of any kind (the objects' "red", "small", ...)
+    assert probe(x, ["abcd"[k] for k in y.tolist()]) == 1.0
+
+
+def test_recall_questions_of_ask_every_template_with_the_scene_majority(synth):
+    mod = _module("testbed_recall")
+    scenes = load_scenes(synth, "val")
+    items = mod.recall_questions_of(scenes)
+    assert items == mod.recall_questions_of(scenes)                 # seeded
+    assert {t for t, *_ in items} == set(mod.TEMPLATES)
+    for template, scene, question, answer, majority in items:
+        assert answer_question(scene, "attr", question) == answer
+        attribute = mod.ATTRIBUTE[template]
+        values = [o[attribute] for o in scene["objects"]]
+        assert values.count(majority) == max(values.count(v) for v in values)
+        assert ("directly" in question) == template.startswith("relate")
