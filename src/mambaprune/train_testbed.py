@@ -3,8 +3,9 @@
 What one training step sees: ``batch_size`` training images, each with its five questions (one per family) plus
 ``extra_per_family`` more per family drawn from the image's scene description in the same templates
 (:func:`~mambaprune.data.synthvqa.extra_questions`; read has one question per image) and ``where_per_image``
-training-only "Where is the red circle?" questions (:func:`~mambaprune.data.synthvqa.where_questions`), as a
-multi-turn Zephyr conversation in a random order, ``[100 visual tokens][turn][turn]...``, where a turn is
+training-only "Where is the red circle?" questions (:func:`~mambaprune.data.synthvqa.where_questions`) and
+``recall_per_image`` training-only single-object attr questions (:func:`~mambaprune.data.synthvqa.recall_questions`),
+as a multi-turn Zephyr conversation in a random order, ``[100 visual tokens][turn][turn]...``, where a turn is
 ``testbed_prompt(question) + answer + <|endoftext|>``. The loss is the cross-entropy of the answer tokens and
 their closing ``<|endoftext|>`` (prompts are not scored), as in LLaVA-style instruction tuning; one image's
 visual prefix serves all its questions, which makes a step several times cheaper than single-turn sequences.
@@ -35,7 +36,10 @@ stage-1 read-out as much as all the empty ones (so the tower learns to read them
 read-out, where each answer starts, of the grid row and column of the objects the question names
 (:func:`referent_targets`), or with ``referent_at = "names"`` of each named object's cell at the last token of
 its name (:meth:`TurnEncoder.name_positions`), read after layer ``referent_layer`` (:func:`referent_tap`; default
-``memory_layer``'s). ``tower_from`` skips stage 1 and takes the tower of a trained testbed or checkpoint
+``memory_layer``'s) as a 4-way class per row and column or, ``referent_code = "ordinal"``, as one scalar each
+on a line (:func:`ordinal_cells`). ``visual_aux_weight`` puts the per-patch read-out on the projected tokens the
+LM reads as well (a second :class:`AuxHead`), so that a projector trained behind a frozen tower keeps the
+objects' positions and sizes. ``tower_from`` skips stage 1 and takes the tower of a trained testbed or checkpoint
 (:func:`load_tower`), so stage-2 recipes can be compared on one tower. A
 shallow Mamba leaves the plateau of recall tasks far sooner than a 16-layer one (``benchmarks/recall_plateau.py``).
 An optional token curriculum (``token_curriculum``, :func:`curriculum_positions`) trains first on the content
