@@ -582,8 +582,8 @@ def recall_questions(scene: dict, rng: random.Random, n: int = 2) -> list[tuple[
     color is the star?", "What shape is the small red object?", "What size is the blue circle?"), for training:
     each answer is one attribute of one object found by its name alone, i.e. one recall from the image by a
     description, the step a ``spatial`` caption needs twice. (The benchmark's attr questions are these templates
-    and the two-object "directly left of" ones; about one image in eight asks a single-object one of a given
-    kind, so recall gets little direct signal from them.) ``[(question, answer)]``."""
+    and the two-object "directly left of" ones, one per image: about one image in five asks each of the three
+    single-object ones.) ``[(question, answer)]``."""
     candidates = _attr_candidates(scene["objects"])
     pool = [(q["question"], q["answer"]) for key in ("color_of", "shape_of", "size_of") for q in candidates[key]]
     return rng.sample(pool, min(n, len(pool)))
