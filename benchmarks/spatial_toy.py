@@ -53,7 +53,7 @@ import torch.nn.functional as F
 
 from mambaprune.data.synthvqa import RELATIONS, relation_holds
 from mambaprune.models.mamba_lm import MambaConfig, MambaLM
-from mambaprune.train_testbed import init_mamba_
+from mambaprune.train_testbed import init_mamba_, ordinal_cells
 
 GRID, N_KINDS, N_SHAPES, N_OBJECTS = 10, 30, 5, 5
 COLOUR0, SHAPE0 = 31, 37                          # colour words 31..36, shape words 37..41
@@ -106,11 +106,6 @@ def named_cells(grid: torch.Tensor, caption: torch.Tensor) -> torch.Tensor:
 def row_col(cells: torch.Tensor) -> torch.Tensor:
     """``cells``' grid row and column, stacked on a new last dimension."""
     return torch.stack([cells // GRID, cells % GRID], -1)
-
-
-def ordinal(row_col_: torch.Tensor) -> torch.Tensor:
-    """Rows and columns 0..GRID-1 mapped linearly onto -1..1 (the ``--recall-code ordinal`` target)."""
-    return row_col_.float() * (2 / (GRID - 1)) - 1
 
 
 def where_batch(n: int, gen: torch.Generator, n_objects: int = N_OBJECTS):
@@ -215,7 +210,7 @@ def main():
         if args.name_recall:
             cells = named_cells(grid, caption)
             if args.recall_code == "ordinal":
-                where_loss = args.name_recall * F.mse_loss(at_names, ordinal(row_col(cells)))
+                where_loss = args.name_recall * F.mse_loss(at_names, ordinal_cells(row_col(cells), GRID))
             else:
                 where_loss = args.name_recall * F.cross_entropy(at_names.flatten(0, 2),
                                                                 row_col(cells).flatten())

@@ -17,14 +17,14 @@ projector by the answers alone, and none of the four families the testbed learnt
 """
 from __future__ import annotations
 
-import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from testbed_recall import load_run  # noqa: E402
+from testbed_recall import load_run, run_arguments  # noqa: E402
 
 TARGETS = ("row", "col", "color", "shape", "size")
 
@@ -46,7 +46,6 @@ def position_probe(model, data: Path, split: str = "val", n_images: int = 500) -
     from mambaprune.data.synthvqa import image_file, load_scenes
     from mambaprune.train_testbed import scene_patches
 
-    import json
     scene_size = json.loads((Path(data) / "scenes" / f"{split}.json").read_text())["image_size"]
     model.eval()
     tower, projected, labels = [], [], {k: [] for k in TARGETS}
@@ -67,14 +66,7 @@ def position_probe(model, data: Path, split: str = "val", n_images: int = 500) -
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("run", nargs="?", default="testbed")
-    p.add_argument("--data", required=True, type=Path)
-    p.add_argument("--split", default="val")
-    p.add_argument("--images", type=int, default=500)
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    args = run_arguments(__doc__, images=500)
     result = position_probe(load_run(args.run), args.data, args.split, args.images)
     print(f"{result['objects']} held-out objects\n| features | " + " | ".join(TARGETS) + " |\n|---|"
           + "---|" * len(TARGETS))

@@ -81,15 +81,22 @@ def recall_table(model, data: Path, split: str = "val", n_images: int = 400, bat
             for t, r in table.items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def run_arguments(description: str, images: int):
+    """The arguments of the testbed diagnostics (a run, its data, a split, how many scenes), parsed; sets the
+    torch threads."""
+    p = argparse.ArgumentParser(description=description.split("\n\n")[0])
     p.add_argument("run", nargs="?", default="testbed")
     p.add_argument("--data", required=True, type=Path)
     p.add_argument("--split", default="val")
-    p.add_argument("--images", type=int, default=400)
+    p.add_argument("--images", type=int, default=images)
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    return args
+
+
+def main() -> None:
+    args = run_arguments(__doc__, images=400)
     table = recall_table(load_run(args.run), args.data, args.split, args.images)
     print(f"| template | questions | {args.run} | scene majority |\n|---|---|---|---|")
     for t in TEMPLATES:

@@ -149,6 +149,11 @@ def test_referent_name_spans_spell_out_the_named_objects(synth):
         assert referent_name_spans(scene, "count", scene["questions"]["count"]["question"]) == []
 
 
+def _named(objects: list[dict], words: list[str]) -> list[dict]:
+    """The objects every one of ``words`` (sizes, colours, shapes) describes."""
+    return [o for o in objects if all(w in (o["size"], o["color"], o["shape"]) for w in words)]
+
+
 def test_where_questions_give_the_named_objects_cell(synth):
     import random
     asked = 0
@@ -158,8 +163,7 @@ def test_where_questions_give_the_named_objects_cell(synth):
         assert got == where_questions(scene, random.Random(scene["image_id"]), n=3)
         assert len(got) <= 3 and len({q for q, _ in got}) == len(got)
         for question, answer in got:
-            words = question.removeprefix("Where is the ").removesuffix("?").split()
-            named = [o for o in objects if all(w in (o["size"], o["color"], o["shape"]) for w in words)]
+            named = _named(objects, question.removeprefix("Where is the ").removesuffix("?").split())
             assert len(named) == 1, question                       # the phrase singles one object out
             assert answer == f"row {named[0]['row'] + 1}, column {named[0]['col'] + 1}"
         asked += len(got)
@@ -178,7 +182,7 @@ def test_recall_questions_ask_one_named_objects_attribute(synth):
         for question, answer in got:
             kind, rest = re.fullmatch(r"What (color|shape|size) is the (.+)\?", question).groups()
             words = rest.removesuffix(" object").split()
-            named = [o for o in objects if all(w in (o["size"], o["color"], o["shape"]) for w in words)]
+            named = _named(objects, words)
             assert len(named) == 1, question                       # the phrase singles one object out
             assert named[0][kind] not in words                      # the phrase does not give the answer away
             assert answer == named[0][kind] == answer_question(scene, "attr", question)

@@ -376,14 +376,20 @@ def test_name_positions_point_at_the_last_token_of_each_name(synth_small):
     assert n_named[True] == 2 * len(scenes) and n_named[False] > 0
 
 
-def test_training_asks_the_where_questions_it_is_told_to(synth_small, tmp_path, monkeypatch):
+def _asked(synth_small, tmp_path, monkeypatch, **settings) -> list:
+    """The conversations (one list of turns per image) that a 2-step training run with ``settings`` asks."""
     import mambaprune.train_testbed as tt
     seen = []
     batch = tt.TurnEncoder.batch
     monkeypatch.setattr(tt.TurnEncoder, "batch", lambda self, turns: seen.append(turns) or batch(self, turns))
     s = TrainSettings(data=str(synth_small), out=str(tmp_path), steps=2, batch_size=2, warmup=1, eval_every=10,
-                      eval_per_family=1, test_per_family=1, extra_per_family=0, where_per_image=2, model=TINY)
+                      eval_per_family=1, test_per_family=1, model=TINY, **settings)
     train(s, log=lambda m: None)
+    return seen
+
+
+def test_training_asks_the_where_questions_it_is_told_to(synth_small, tmp_path, monkeypatch):
+    seen = _asked(synth_small, tmp_path, monkeypatch, extra_per_family=0, where_per_image=2)
     assert len(seen) == 2
     for turns in seen:                 # each image: its five benchmark questions and up to two "Where is ..."
         for conv in turns:
@@ -393,13 +399,7 @@ def test_training_asks_the_where_questions_it_is_told_to(synth_small, tmp_path, 
 
 
 def test_training_asks_the_recall_questions_it_is_told_to(synth_small, tmp_path, monkeypatch):
-    import mambaprune.train_testbed as tt
-    seen = []
-    batch = tt.TurnEncoder.batch
-    monkeypatch.setattr(tt.TurnEncoder, "batch", lambda self, turns: seen.append(turns) or batch(self, turns))
-    s = TrainSettings(data=str(synth_small), out=str(tmp_path), steps=2, batch_size=2, warmup=1, eval_every=10,
-                      eval_per_family=1, test_per_family=1, extra_per_family=0, recall_per_image=3, model=TINY)
-    train(s, log=lambda m: None)
+    seen = _asked(synth_small, tmp_path, monkeypatch, extra_per_family=0, recall_per_image=3)
     assert len(seen) == 2
     single = re.compile(r"What (color|shape|size) is the (?!object directly)[a-z ]+\?")
     for turns in seen:                 # each image: its five benchmark questions and up to three recall ones
@@ -411,12 +411,7 @@ def test_training_asks_the_recall_questions_it_is_told_to(synth_small, tmp_path,
 
 def test_extra_captions_are_asked_as_the_vsr_reader_asks_them(synth_small, tmp_path, monkeypatch):
     import mambaprune.train_testbed as tt
-    seen = []
-    batch = tt.TurnEncoder.batch
-    monkeypatch.setattr(tt.TurnEncoder, "batch", lambda self, turns: seen.append(turns) or batch(self, turns))
-    s = TrainSettings(data=str(synth_small), out=str(tmp_path), steps=2, batch_size=2, warmup=1, eval_every=10,
-                      eval_per_family=1, test_per_family=1, extra_per_family=2, model=TINY)
-    train(s, log=lambda m: None)
+    seen = _asked(synth_small, tmp_path, monkeypatch, extra_per_family=2)
     questions = [q for turns in seen for conv in turns for q, _ in conv]
     captions = [q for q in questions if tt.named_question(q)[0] == "spatial"]
     assert len(captions) > sum(len(turns) for turns in seen)   # each image's own caption, and extra ones

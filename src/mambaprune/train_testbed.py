@@ -505,9 +505,9 @@ def referent_targets(scene: dict, question: str) -> torch.Tensor:
     return out
 
 
-def ordinal_cells(cells: torch.Tensor) -> torch.Tensor:
-    """Grid rows or columns ``0 .. GRID - 1`` mapped linearly onto ``-1 .. 1`` (float)."""
-    return cells.float() * (2 / (GRID - 1)) - 1
+def ordinal_cells(cells: torch.Tensor, grid: int = GRID) -> torch.Tensor:
+    """Grid rows or columns ``0 .. grid - 1`` mapped linearly onto ``-1 .. 1`` (float)."""
+    return cells.float() * (2 / (grid - 1)) - 1
 
 
 class MemoryHead(nn.Module):
