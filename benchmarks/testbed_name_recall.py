@@ -26,15 +26,17 @@ from pathlib import Path
 
 import torch
 
+from mambaprune.train_testbed import PATCH_ORDERS
+
 
 def name_recall(run: Path, data: Path, layer: int, n_images: int = 300, family: str = "spatial",
-                code: str = "class") -> dict:
+                code: str = "class", order: str = "scan") -> dict:
     from mambaprune.data.readers import load_dataset
     from mambaprune.data.synthvqa import load_scenes
     from mambaprune.models.testbed import TestbedConfig, build_testbed
     from mambaprune.models.vlm import load_tokenizer
     from mambaprune.data.synthvqa import GRID
-    from mambaprune.train_testbed import IGNORE, MemoryHead, TurnEncoder, answer_loss
+    from mambaprune.train_testbed import IGNORE, MemoryHead, TurnEncoder, answer_loss, reorder_patches
 
     ck = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
     model = build_testbed(TestbedConfig.from_dict(ck["config"]), load_tokenizer(run / "tokenizer"))
@@ -49,14 +51,15 @@ def name_recall(run: Path, data: Path, layer: int, n_images: int = 300, family: 
     if not samples:
         raise ValueError(f"no {family} questions in the val split of {data}")
     encoder = TurnEncoder(model.tokenizer)
-    rows, cols, answered = [], [], 0
+    rows, cols, rows_mirrored, cols_mirrored, answered = [], [], [], [], 0
     with torch.no_grad():
         for s in samples:
             scene = scenes[int(Path(s.image).stem)]
             turns = [(s.question, s.answers[0])]
             named = encoder.name_positions(scene, turns)
             ids, labels = encoder.batch([turns])
-            visual = model.embed_visual(model.vision.preprocess(s.image))
+            visual = reorder_patches(model.embed_visual(model.vision.preprocess(s.image)),
+                                     model.vision.image_size // model.vision.patch_size, order)
             _, states = answer_loss(model, visual, ids, labels, state_layer=layer % model.lm.config.n_layer)
             nv = visual.shape[1]
             if named:
@@ -68,6 +71,8 @@ def name_recall(run: Path, data: Path, layer: int, n_images: int = 300, family: 
                     row, col = memory.named_logits(states[0, at]).argmax(-1).T.tolist()
                 rows += [p == r for p, (_, r, _) in zip(row, named)]
                 cols += [p == c for p, (_, _, c) in zip(col, named)]
+                rows_mirrored += [p == GRID - 1 - r for p, (_, r, _) in zip(row, named)]
+                cols_mirrored += [p == GRID - 1 - c for p, (_, _, c) in zip(col, named)]
             # teacher-forced: is every token of the reference answer the model's most likely one?
             pred = model.lm(inputs_embeds=torch.cat([visual, model.lm.backbone.embedding(ids)], 1),
                             return_all_logits=True).logits[0, nv - 1:-1].argmax(-1)
@@ -75,7 +80,9 @@ def name_recall(run: Path, data: Path, layer: int, n_images: int = 300, family: 
             answered += bool(torch.equal(pred[answer_at], labels[0][answer_at]))
     both = [a and b for a, b in zip(rows, cols)]
     return {"names": len(rows), "row": sum(rows) / len(rows), "column": sum(cols) / len(cols),
-            "cell": sum(both) / len(both), "answers": answered / len(samples), "questions": len(samples)}
+            "cell": sum(both) / len(both), "row_mirrored": sum(rows_mirrored) / len(rows),
+            "column_mirrored": sum(cols_mirrored) / len(cols), "answers": answered / len(samples),
+            "questions": len(samples), "order": order}
 
 
 def main():
@@ -87,9 +94,12 @@ def main():
     p.add_argument("--family", default="spatial", choices=("spatial", "attr"))
     p.add_argument("--code", default="class", choices=("class", "ordinal"),
                    help="the run's --referent-code (ordinal: the nearest grid position to each scalar)")
+    p.add_argument("--order", default="scan", choices=PATCH_ORDERS,
+                   help="feed the visual tokens in another order (train_testbed.reorder_patches): recall from content keeps its "
+                        "answers, recall from recency answers the mirrored row or column")
     a = p.parse_args()
     torch.set_num_threads(1)
-    print(json.dumps(name_recall(a.run, a.data, a.layer, a.images, a.family, a.code), indent=1))
+    print(json.dumps(name_recall(a.run, a.data, a.layer, a.images, a.family, a.code, a.order), indent=1))
 
 
 if __name__ == "__main__":

@@ -58,3 +58,18 @@ def test_recall_questions_of_ask_every_template_with_the_scene_majority(synth):
         values = [o[attribute] for o in scene["objects"]]
         assert values.count(majority) == max(values.count(v) for v in values)
         assert ("directly" in question) == template.startswith("relate")
+
+
+def test_reorder_patches_by_hand():
+    from mambaprune.train_testbed import reorder_patches as reorder
+    visual = torch.arange(9.0).reshape(1, 9, 1).repeat(2, 1, 3)          # token i holds i in every channel
+    rows = reorder(visual, 3, "rows-reversed")
+    cols = reorder(visual, 3, "columns-reversed")
+    assert rows[0, :, 0].tolist() == [6, 7, 8, 3, 4, 5, 0, 1, 2]
+    assert cols[1, :, 2].tolist() == [2, 1, 0, 5, 4, 3, 8, 7, 6]
+    assert torch.equal(reorder(visual, 3, "scan"), visual)
+    assert torch.equal(reorder(rows, 3, "rows-reversed"), visual)       # its own inverse
+    with pytest.raises(ValueError, match="grid"):
+        reorder(visual[:, :8], 3)
+    with pytest.raises(ValueError, match="order"):
+        reorder(visual, 3, "diagonal")

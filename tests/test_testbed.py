@@ -409,6 +409,37 @@ def test_training_asks_the_recall_questions_it_is_told_to(synth_small, tmp_path,
             assert sum(bool(single.fullmatch(q)) for q, _ in conv) >= extra   # (+ its own attr one, maybe)
 
 
+def test_row_flip_scans_the_patch_rows_bottom_first(synth_small, tmp_path, monkeypatch):
+    """``row_flip=1``: the first step's language model reads the same projected tokens as without it, its patch
+    rows in reverse order (each row still left to right); the scan-memory losses skip flipped images, and a
+    batch of flipped images only still trains (finite loss)."""
+    import mambaprune.train_testbed as tt
+    read = []
+    loss_fn = tt.answer_loss
+
+    def recording(model, visual, *a, **k):
+        read.append(visual.detach().clone())
+        return loss_fn(model, visual, *a, **k)
+
+    monkeypatch.setattr(tt, "answer_loss", recording)
+    logged = {}
+    for flip in (0.0, 1.0):
+        read.clear()
+        rows = []
+        s = TrainSettings(data=str(synth_small), out=str(tmp_path / str(flip)), steps=1, batch_size=2, warmup=1,
+                          eval_every=10, eval_per_family=1, test_per_family=1, model=TINY, row_flip=flip,
+                          memory_weight=1.0, turn_memory_weight=1.0)
+        train(s, log=lambda m: rows.append(m))
+        logged[flip] = read[0]                       # the first training step's batch of two images
+        assert any('"loss"' in m and "NaN" not in m for m in rows)
+    g = TINY.image_size // TINY.patch_size
+    order = [r * g + c for r in reversed(range(g)) for c in range(g)]
+    assert torch.equal(logged[1.0], logged[0.0][:, order])
+    assert not torch.equal(logged[1.0], logged[0.0])
+    with pytest.raises(ValueError, match="probability"):
+        train(replace(s, row_flip=1.5), log=lambda m: None)
+
+
 def test_extra_captions_are_asked_as_the_vsr_reader_asks_them(synth_small, tmp_path, monkeypatch):
     import mambaprune.train_testbed as tt
     seen = _asked(synth_small, tmp_path, monkeypatch, extra_per_family=2)

@@ -113,6 +113,7 @@ class TrainSettings:
     where_per_image: int = 0
     recall_per_image: int = 0
     visual_aux_weight: float = 0.0
+    row_flip: float = 0.0
     seed: int = 0
     eval_every: int = 100
     eval_per_family: int = 60
@@ -306,6 +307,27 @@ def patch_targets(scene: dict, scene_size: int, image_size: int, patch_size: int
     return {"color": color, "shape": shape, "category": color * len(AUX_SHAPES) + shape, "size": size,
             "chars": chars, "char_order": char_order,
             "row": torch.where(content, index // g + 1, 0), "col": torch.where(content, index % g + 1, 0)}
+
+
+PATCH_ORDERS = ("scan", "rows-reversed", "columns-reversed")
+
+
+def reorder_patches(visual: torch.Tensor, grid: int, order: str = "scan") -> torch.Tensor:
+    """The visual tokens ``(batch, grid * grid, d)``, row-major, in another order: ``rows-reversed`` visits the
+    patch rows bottom to top (each row still left to right), ``columns-reversed`` each row right to left. A
+    token's content is unchanged, so a read-out that finds a named object's row from the content gives the same
+    row, and one that finds it from how long ago the scan passed the object (recency) gives the mirrored one
+    (``benchmarks/testbed_name_recall.py --order``); ``row_flip`` trains on rows-reversed images."""
+    if order not in PATCH_ORDERS:
+        raise ValueError(f"order must be one of {PATCH_ORDERS}, got {order!r}")
+    if visual.shape[1] != grid * grid:
+        raise ValueError(f"{visual.shape[1]} visual tokens are not a {grid} x {grid} grid")
+    cells = visual.reshape(visual.shape[0], grid, grid, -1)
+    if order == "rows-reversed":
+        cells = cells.flip(1)
+    elif order == "columns-reversed":
+        cells = cells.flip(2)
+    return cells.reshape(visual.shape)
 
 
 def stack_targets(rows: list[dict[str, torch.Tensor]], device) -> dict[str, torch.Tensor]:
@@ -823,6 +845,10 @@ def train(s: TrainSettings, log=print) -> dict:
     if s.referent_code not in ("class", "ordinal") or (s.referent_code == "ordinal" and s.referent_at != "names"):
         raise ValueError(f"referent_code must be 'class' or, with referent_at 'names', 'ordinal'; "
                          f"got {s.referent_code!r}")
+    if not 0 <= s.row_flip <= 1:
+        raise ValueError(f"row_flip is a probability, got {s.row_flip}")
+    if s.row_flip and s.token_curriculum:
+        raise ValueError("row_flip reverses the full grid of patch rows; it cannot be combined with token_curriculum")
     if s.threads:
         torch.set_num_threads(s.threads)
     out = Path(s.out)
@@ -961,9 +987,18 @@ def train(s: TrainSettings, log=print) -> dict:
                     for p, _ in picked]
             kept = features[torch.arange(len(rows)).unsqueeze(1), torch.tensor(rows, device=dev)]
         visual = model.projector(kept)
+        scanned, flipped = visual, torch.zeros(len(picked), dtype=torch.bool, device=dev)
+        if s.row_flip:
+            # some images scanned bottom row first: a row can then no longer be told by how long ago the scan
+            # passed it, only by what the token holds (the recall the names read-out asks for)
+            flip_rng = random.Random(s.seed * 104729 + step)
+            flipped = torch.tensor([flip_rng.random() < s.row_flip for _ in picked], device=dev)
+            grid = model.vision.image_size // model.vision.patch_size
+            scanned = torch.where(flipped[:, None, None], reorder_patches(visual, grid, "rows-reversed"), visual)
+        unflipped = ~flipped          # the scan-memory targets follow the scan order: read on these images only
         depth = model.lm.config.n_layer
         tap, named_tap = s.memory_layer % depth, referent_tap(s, depth)
-        loss, (states, named_states) = answer_loss(model, visual, ids, labels, state_layer=(tap, named_tap))
+        loss, (states, named_states) = answer_loss(model, scanned, ids, labels, state_layer=(tap, named_tap))
         nv = visual.shape[1]
         if cached is None or visual_aux is not None:
             targets = stack_targets([patch_targets(scene_of(p), *geometry) for p, _ in picked], dev)
@@ -977,14 +1012,15 @@ def train(s: TrainSettings, log=print) -> dict:
         mem_loss = 0.0
         if s.memory_weight or s.turn_memory_weight:
             mem = stack_targets([memory_targets(scene_of(p), *geometry) for p, _ in picked], dev)
-        if s.memory_weight:
-            mem_loss = s.memory_weight * memory.loss(states[:, :nv], mem)
+        if s.memory_weight and unflipped.any():
+            mem_loss = s.memory_weight * memory.loss(states[unflipped, :nv], {k: v[unflipped] for k, v in mem.items()})
         if s.turn_memory_weight or s.referent_weight:
             rows, pos = answer_start_positions(labels, nv)
-        if s.turn_memory_weight:
+        if s.turn_memory_weight and unflipped[rows].any():
             # the whole scene, once more, where each answer starts: the state must carry it across the turns
-            whole = {k: v[rows, -1].unsqueeze(0) for k, v in mem.items()}
-            mem_loss = mem_loss + s.turn_memory_weight * memory.loss(states[rows, pos].unsqueeze(0), whole)
+            r_, p_ = rows[unflipped[rows]], pos[unflipped[rows]]
+            whole = {k: v[r_, -1].unsqueeze(0) for k, v in mem.items()}
+            mem_loss = mem_loss + s.turn_memory_weight * memory.loss(states[r_, p_].unsqueeze(0), whole)
         if s.referent_weight and s.referent_at == "names":
             # where each named object is, at the last token of its name: recall by description, as it is read
             found = [(b, nv + j, r, c) for b, ((p, _), conv) in enumerate(zip(picked, turns))
@@ -1052,7 +1088,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                  "curriculum_tokens", "grow_from"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "memory_weight",
-                 "turn_memory_weight", "referent_weight", "a_init_scale", "visual_aux_weight",
+                 "turn_memory_weight", "referent_weight", "a_init_scale", "visual_aux_weight", "row_flip",
                  "visual_rms_weight", "visual_shared_weight", "dt_min", "dt_max", "max_minutes", "tower_lr",
                  "out_proj_init", "token_curriculum", "embedding_std", "grow_at", "grow_lr_scale"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
