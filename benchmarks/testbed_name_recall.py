@@ -1,7 +1,7 @@
 """Does a testbed run recall where the objects its questions name are? The names read-out on validation questions.
 
     python benchmarks/testbed_name_recall.py RUN_DIR --data SYNTH --layer K [--images 300] [--family spatial]
-        [--code class|ordinal]
+        [--code class|ordinal] [--order scan|rows-reversed|columns-reversed]
 
 ``RUN_DIR`` is a ``train-testbed --out`` folder holding ``last.pt`` of a run trained with ``--referent-weight W
 --referent-at names`` (the read-out, :meth:`~mambaprune.train_testbed.MemoryHead.named_loss`, is not shipped);
@@ -11,12 +11,24 @@ depth; followed through a growth by :func:`~mambaprune.train_testbed.referent_ta
 token of each object the question names (:meth:`~mambaprune.train_testbed.TurnEncoder.name_positions`) the
 read-out's row and column are compared with the object's grid cell. Printed: the row, column and cell (both)
 accuracy over the named objects (chance 1/4 for a row or a column of the 4 x 4 grid), and how often every token
-of the reference answer is the model's most likely one (teacher-forced) on those questions.
+of the reference answer is the model's most likely one (teacher-forced) on those questions. ``--order`` feeds
+the visual tokens in another order (:func:`~mambaprune.train_testbed.reorder_patches`), and ``row_mirrored`` /
+``column_mirrored`` count the read-outs that give the mirrored row / column: a read-out that finds a row from
+the tokens' content gives the same row under ``rows-reversed``, one that finds it from how long ago the scan
+passed the object (recency) gives the mirrored one.
 
 Measured (300 validation captions, 600 named objects; runs 35 and 36 of the README, run 30's command with the
 names read-out after the last layer or after layer 0): run 35 found the row of 38, 45, 57 and 72% of the named
 objects at steps 2700, 4300, 5200 and 6900 of the shallow phase (150-200 captions before 6900), the column of
 30-37% (chance 25% each); run 36, at step 6900, 46% and 34%. Its answers were at chance throughout (48-53%).
+Runs 40 and 41 (run 39 resumed, ordinal read-out after layer 0; 150 captions): rows 50% (run 40, step 6600)
+and 63% (run 41, ``--referent-weight 3``, step 5900), columns 24-27%; with ``--order rows-reversed`` the same
+read-outs give the true row of 16% and the mirrored row of 43-44% of the named objects: **the rows are read
+from recency, not from the tokens** (which hold them: ``testbed_position_probe.py``), and recency gives no
+column, which a row-major scan passes within one row; with ``--order rows-rotated`` run 41 finds 5% of the rows.
+Run 42 (run 41 at step 6100 trained on with ``train-testbed --row-flip 0.5``): at step 6700 the true row of 52%
+under ``rows-reversed`` (mirrored 13%), at step 9250 rows 72% and columns 38% in scan order, 66% and 37% under
+``rows-rotated``: recall from the tokens, columns included.
 """
 from __future__ import annotations
 

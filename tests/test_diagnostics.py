@@ -67,6 +67,8 @@ def test_reorder_patches_by_hand():
     cols = reorder(visual, 3, "columns-reversed")
     assert rows[0, :, 0].tolist() == [6, 7, 8, 3, 4, 5, 0, 1, 2]
     assert cols[1, :, 2].tolist() == [2, 1, 0, 5, 4, 3, 8, 7, 6]
+    sixteen = torch.arange(16.0).reshape(1, 16, 1)                    # a 4 x 4 grid: rows 2, 3, then 0, 1
+    assert reorder(sixteen, 4, "rows-rotated")[0, :, 0].tolist() == [*range(8, 16), *range(8)]
     assert torch.equal(reorder(visual, 3, "scan"), visual)
     assert torch.equal(reorder(rows, 3, "rows-reversed"), visual)       # its own inverse
     with pytest.raises(ValueError, match="grid"):

@@ -39,7 +39,10 @@ its name (:meth:`TurnEncoder.name_positions`), read after layer ``referent_layer
 ``memory_layer``'s) as a 4-way class per row and column or, ``referent_code = "ordinal"``, as one scalar each
 on a line (:func:`ordinal_cells`). ``visual_aux_weight`` puts the per-patch read-out on the projected tokens the
 LM reads as well (a second :class:`AuxHead`), so that a projector trained behind a frozen tower keeps the
-objects' positions and sizes. ``tower_from`` skips stage 1 and takes the tower of a trained testbed or checkpoint
+objects' positions and sizes. ``row_flip`` feeds that fraction of the images to the LM with the patch rows bottom
+first (:func:`reorder_patches`; the scan-memory read-outs skip those images, whose targets follow the scan
+order), so that a named object's row can no longer be recalled from how long ago the scan passed it, only
+from what its tokens hold. ``tower_from`` skips stage 1 and takes the tower of a trained testbed or checkpoint
 (:func:`load_tower`), so stage-2 recipes can be compared on one tower. A
 shallow Mamba leaves the plateau of recall tasks far sooner than a 16-layer one (``benchmarks/recall_plateau.py``).
 An optional token curriculum (``token_curriculum``, :func:`curriculum_positions`) trains first on the content
@@ -309,14 +312,15 @@ def patch_targets(scene: dict, scene_size: int, image_size: int, patch_size: int
             "row": torch.where(content, index // g + 1, 0), "col": torch.where(content, index % g + 1, 0)}
 
 
-PATCH_ORDERS = ("scan", "rows-reversed", "columns-reversed")
+PATCH_ORDERS = ("scan", "rows-reversed", "columns-reversed", "rows-rotated")
 
 
 def reorder_patches(visual: torch.Tensor, grid: int, order: str = "scan") -> torch.Tensor:
     """The visual tokens ``(batch, grid * grid, d)``, row-major, in another order: ``rows-reversed`` visits the
-    patch rows bottom to top (each row still left to right), ``columns-reversed`` each row right to left. A
-    token's content is unchanged, so a read-out that finds a named object's row from the content gives the same
-    row, and one that finds it from how long ago the scan passed the object (recency) gives the mirrored one
+    patch rows bottom to top (each row still left to right), ``columns-reversed`` each row right to left,
+    ``rows-rotated`` the lower half of the rows first, then the upper half. A token's content is unchanged, so a
+    read-out that finds a named object's row from the content gives the same row in every order, and one that
+    finds it from how long ago the scan passed the object (recency) gives the mirrored one under rows-reversed
     (``benchmarks/testbed_name_recall.py --order``); ``row_flip`` trains on rows-reversed images."""
     if order not in PATCH_ORDERS:
         raise ValueError(f"order must be one of {PATCH_ORDERS}, got {order!r}")
@@ -327,6 +331,8 @@ def reorder_patches(visual: torch.Tensor, grid: int, order: str = "scan") -> tor
         cells = cells.flip(1)
     elif order == "columns-reversed":
         cells = cells.flip(2)
+    elif order == "rows-rotated":
+        cells = cells.roll(-(grid // 2), dims=1)
     return cells.reshape(visual.shape)
 
 
