@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from mambaprune.train_testbed import PATCH_ORDERS
+from mambaprune.train_testbed import PATCH_ORDERS, reorder_patches
 
 
 def name_recall(run: Path, data: Path, layer: int, n_images: int = 300, family: str = "spatial",
@@ -48,7 +48,7 @@ def name_recall(run: Path, data: Path, layer: int, n_images: int = 300, family: 
     from mambaprune.models.testbed import TestbedConfig, build_testbed
     from mambaprune.models.vlm import load_tokenizer
     from mambaprune.data.synthvqa import GRID
-    from mambaprune.train_testbed import IGNORE, MemoryHead, TurnEncoder, answer_loss, reorder_patches
+    from mambaprune.train_testbed import IGNORE, MemoryHead, TurnEncoder, answer_loss
 
     ck = torch.load(run / "last.pt", map_location="cpu", weights_only=False)
     model = build_testbed(TestbedConfig.from_dict(ck["config"]), load_tokenizer(run / "tokenizer"))

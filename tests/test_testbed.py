@@ -431,7 +431,10 @@ def test_row_flip_scans_the_patch_rows_bottom_first(synth_small, tmp_path, monke
                           memory_weight=1.0, turn_memory_weight=1.0)
         train(s, log=lambda m: rows.append(m))
         logged[flip] = read[0]                       # the first training step's batch of two images
-        assert any('"loss"' in m and "NaN" not in m for m in rows)
+        (row,) = [json.loads(m) for m in rows if m.startswith('{"step": 1,')]
+        assert math.isfinite(row["loss"])
+        # both scan-memory losses read unflipped images only: none are left when every image is flipped
+        assert (row["memory_loss"] == 0) == (flip == 1.0)
     g = TINY.image_size // TINY.patch_size
     order = [r * g + c for r in reversed(range(g)) for c in range(g)]
     assert torch.equal(logged[1.0], logged[0.0][:, order])
