@@ -672,6 +672,76 @@ def test_grown_training_deepens_at_its_step_and_resumes_across_the_growth(synth_
         train(TrainSettings(**{**s.__dict__, "grow_from": 4}))
 
 
+def test_stop_at_ends_a_piece_that_the_next_piece_resumes(synth_small, tmp_path):
+    """A run made of pieces (``stop_at``, as ``scripts/make_testbed.sh`` makes the shipped testbed): stopped at
+    step 3 (not a checkpoint step of eval_every=2: the checkpoint is written there anyway, with no test split and
+    no testbed), a piece asking to stop at an earlier step does nothing, and the last piece ends with exactly the
+    weights of an uninterrupted run."""
+    deep = Config(**{**TINY.__dict__, "n_layer": 4})
+    s = TrainSettings(data=str(synth_small), out=str(tmp_path / "whole"), steps=4, batch_size=2, warmup=1,
+                      eval_every=2, eval_per_family=1, test_per_family=1, grow_from=2, grow_at=0.5, model=deep,
+                      grow_spread=True)
+    train(s, log=lambda m: None)
+    pieces = tmp_path / "pieces"
+    first = TrainSettings(**{**s.__dict__, "out": str(pieces), "stop_at": 3})
+    assert train(first, log=lambda m: None) == {"steps_done": 3, "stopped": True}
+    assert torch.load(pieces / "last.pt", weights_only=False)["step"] == 3
+    assert not (pieces / "model.safetensors").exists()
+    said = []
+    assert train(TrainSettings(**{**first.__dict__, "stop_at": 2}), log=said.append)["steps_done"] == 3
+    assert any("nothing to do" in m for m in said)
+    assert torch.load(pieces / "last.pt", weights_only=False)["step"] == 3
+    info = train(TrainSettings(**{**s.__dict__, "out": str(pieces)}), log=lambda m: None)
+    assert info["steps_done"] == 4 and set(info["test_accuracy"]) == set(FAMILIES)
+    rows = [json.loads(l) for l in (pieces / "train_log.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["n_layer"], "val" in r) for r in rows] == [(2, 2, True), (3, 4, True), (4, 4, True)]
+    whole, resumed = load_testbed(tmp_path / "whole"), load_testbed(pieces)
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6, msg=name)
+
+
+def test_make_testbed_script_ends_with_the_shipped_settings(tmp_path):
+    """scripts/make_testbed.sh, run with a stand-in for the ``mambaprune`` command that records its arguments:
+    every piece parses, the pieces stop at increasing steps, the model grows once (at step 12000, the shipped
+    log's growth), and the last piece has exactly the settings the shipped config.json records."""
+    import argparse
+    import dataclasses
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    record = tmp_path / "calls.jsonl"
+    fake = tmp_path / "fake_mambaprune"
+    fake.write_text("#!/usr/bin/env python3\nimport json, sys\n"
+                    f"open({str(record)!r}, 'a').write(json.dumps(sys.argv[1:]) + '\\n')\n")
+    fake.chmod(0o755)
+    synth = tmp_path / "synth"
+    synth.mkdir()
+    (synth / "manifest.json").write_text("{}")                  # present: the script writes no SynthVQA
+    subprocess.run(["bash", str(root / "scripts" / "make_testbed.sh"), str(synth), str(tmp_path / "out"),
+                    "--shipped-tower"], check=True, env={**os.environ, "MAMBAPRUNE": str(fake)})
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    assert calls and all(c[0] == "train-testbed" for c in calls)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    pieces = [settings_from_args(parser.parse_args(c[1:])) for c in calls]
+    stops = [p.stop_at for p in pieces]
+    assert stops[-1] is None and stops[:-1] == sorted(set(stops[:-1]))
+    starts = [0] + stops[:-1]                                   # each piece resumes where the last stopped
+    grows = [grow_step(p) for p, start in zip(pieces, starts) if start <= grow_step(p) < (p.stop_at or p.steps)]
+    assert grows == [12000]
+    log = [json.loads(line) for line in (TESTBED_DIR / "train_log.jsonl").read_text().splitlines()]
+    assert min(r["step"] for r in log if r["n_layer"] == 16) == 12010
+    _, info = read_testbed_config(TESTBED_DIR)
+    last = dataclasses.asdict(pieces[-1])
+    for key in ("data", "out", "model", "max_minutes", "stop_at"):
+        last.pop(key)
+    shipped = {k: v for k, v in info["settings"].items() if k != "max_minutes"}
+    shipped["tower_from"] = str(root / shipped["tower_from"])
+    assert last == shipped
+    assert info["steps_done"] == pieces[-1].steps
+
+
 def test_phase_lr_restarts_the_schedule_at_the_growth_step():
     s = TrainSettings(data="", out="", steps=100, warmup=10, lr=1.0, min_lr_ratio=0.0, grow_from=2, grow_at=0.4)
     assert [phase_lr(i, s) for i in (0, 9)] == [0.1, 1.0]
@@ -764,10 +834,8 @@ def test_shipped_testbed_loads_by_name_and_has_the_promised_shape():
     assert not model.training
 
 
-#: the families the shipped testbed answers from the image; on spatial relations it is at chance (README, "The
-#: testbed model": what was tried), so the every-family test below is an expected failure until a model that
-#: passes it ships
-READS_THE_IMAGE = ("attr", "exist", "read", "count")
+#: the families the shipped testbed answers from the image: all five (README, "How good it is")
+READS_THE_IMAGE = ("attr", "exist", "read", "count", "spatial")
 #: the issue's accuracy targets the shipped testbed meets (README, "How good it is"; attr, exist and spatial
 #: fall short)
 MEETS_TARGET = {"read": 0.5, "count": 0.6}
@@ -778,13 +846,14 @@ def test_shipped_testbed_answers_from_the_image(tmp_path):
     """Unseen test questions, each asked about its own image and about the image of the next question of its
     family: on the families it reads, the model is well above chance with the right image and falls by at least
     15 points with the wrong one (so it is not answering from the question alone), and on read and count it
-    meets the issue's targets. 400 questions for attr and exist, whose margins are a few points (with 100 or
-    200 they move by 4-8 points between samples), 100 for read and count."""
+    meets the issue's targets. 400 questions for attr, exist, spatial and count, whose margins are a few points
+    (with 100 or 200 they move by 4-8 points between samples; count is 61% against a target of 60), 100 for
+    read."""
     import dataclasses
 
     model = load_model("testbed")
     generate_synthvqa(tmp_path, SynthConfig(per_family=400, train_multiplier=1))
-    per_family = {"attr": 400, "exist": 400, "read": 100, "count": 100}
+    per_family = {"attr": 400, "exist": 400, "read": 100, "count": 400, "spatial": 400}
     samples, shifted = [], []
     for family in READS_THE_IMAGE:
         group = load_dataset(f"synthvqa:{family}", tmp_path, "test")[:per_family[family]]
@@ -799,7 +868,8 @@ def test_shipped_testbed_answers_from_the_image(tmp_path):
 
 
 @shipped
-@pytest.mark.xfail(strict=True, reason="the shipped testbed is at chance on spatial relations (issue 4 stays open)")
+@pytest.mark.xfail(strict=True, reason="the shipped testbed is 30 points over chance on neither attr nor spatial "
+                                       "on these 24 questions (46% and 75%; issue 4 stays open)")
 def test_shipped_testbed_is_well_above_chance_on_every_family(synth_small):
     """24 unseen test questions per family (the first images of the default test split)."""
     model = load_model("testbed")

@@ -70,6 +70,8 @@ def _train_testbed(args) -> int:
     from .train_testbed import settings_from_args, train
 
     info = train(settings_from_args(args), log=lambda m: print(m, flush=True))
+    if info.get("stopped"):
+        return 0
     acc = ", ".join(f"{k} {100 * v:.1f}" for k, v in info["test_accuracy"].items())
     print(f"testbed written to {args.out} after {info['steps_done']} steps; test accuracy (%): {acc}")
     return 0

@@ -50,7 +50,9 @@ patches of each image only and grows the visual sequence to the full grid. AdamW
 decay, gradient clipping, fp32. Every ``eval_every`` steps the model answers ``eval_per_family`` validation
 questions per family (greedy, the real metrics) and a line goes to ``train_log.jsonl``; a resumable checkpoint
 (``last.pt``, with the optimizer) is written at the same time, and a run started again with the same ``--out``
-continues from it.
+continues from it. ``stop_at`` ends a run at that step with the checkpoint written (and does nothing if the
+run is already there), so that a run can be made of pieces with different settings, each resuming the last
+(``scripts/make_testbed.sh``, the shipped testbed's recipe).
 At the end the testbed folder (:func:`~mambaprune.models.testbed.save_testbed`) is written to ``--out``
 with the test-split accuracy of every family and the training-curve plot ``curves.png``.
 
@@ -124,6 +126,9 @@ class TrainSettings:
     threads: int | None = None
     device: str = "cpu"
     max_minutes: float | None = None
+    #: stop after this step with the checkpoint written (no test split, no testbed): a run made of pieces
+    #: with different settings (``scripts/make_testbed.sh``) resumes each piece from there
+    stop_at: int | None = None
     out_proj_init: float = 1.0
     embedding_std: float = 0.02
     tower_steps: int = 0
@@ -920,6 +925,9 @@ def train(s: TrainSettings, log=print) -> dict:
         opt.load_state_dict(resume["optimizer"])
         step, elapsed = resume["step"], resume["elapsed"]
         log(f"resumed from {ckpt_path} at step {step}")
+        if s.stop_at is not None and step >= s.stop_at:     # this piece of a pieced run is done
+            log(f"already at step {step} (--stop-at {s.stop_at}): nothing to do")
+            return {"steps_done": step, "stopped": True}
     cached = None
     if s.freeze_tower:
         log(f"frozen tower: computing the patch features of {len(image_paths)} training images")
@@ -949,7 +957,8 @@ def train(s: TrainSettings, log=print) -> dict:
 
     t0 = time.perf_counter() - elapsed
     running = []
-    while step < s.steps:
+    end = s.steps if s.stop_at is None else min(s.steps, s.stop_at)
+    while step < end:
         if s.max_minutes is not None and (time.perf_counter() - t0) / 60 > s.max_minutes:
             log(f"time budget of {s.max_minutes} min reached at step {step}")
             break
@@ -1052,7 +1061,7 @@ def train(s: TrainSettings, log=print) -> dict:
         step += 1
         running.append((loss.item(), aux_loss.item(), mem_loss.item() if torch.is_tensor(mem_loss) else mem_loss,
                         vis_loss.item()))
-        if step % 10 == 0 or step % s.eval_every == 0 or step == s.steps:
+        if step % 10 == 0 or step % s.eval_every == 0 or step == end:
             row = {"step": step, "loss": sum(r[0] for r in running) / len(running),
                    "aux_loss": sum(r[1] for r in running) / len(running),
                    "memory_loss": sum(r[2] for r in running) / len(running), "lr": phase_lr(step - 1, s),
@@ -1062,7 +1071,7 @@ def train(s: TrainSettings, log=print) -> dict:
             if visual_aux is not None:
                 row["visual_aux_loss"] = sum(r[3] for r in running) / len(running)
             running = []
-            if step % s.eval_every == 0 or step == s.steps:
+            if step % s.eval_every == 0 or step == end:
                 row["val"] = evaluate_families(model, val)
                 torch.save({"model": model.state_dict(), "aux": aux.state_dict(), "memory": memory.state_dict(),
                             **({"visual_aux": visual_aux.state_dict()} if visual_aux is not None else {}),
@@ -1073,6 +1082,9 @@ def train(s: TrainSettings, log=print) -> dict:
                 f.write(json.dumps(row) + "\n")
             log(json.dumps(row))
 
+    if s.stop_at is not None and step >= s.stop_at:
+        log(f"stopped at step {s.stop_at} (--stop-at): {ckpt_path} resumes it")
+        return {"steps_done": step, "stopped": True}
     test = family_subset(load_dataset("synthvqa", s.data, "test"), s.test_per_family)
     test_acc = evaluate_families(model, test, progress="test split")
     info = {"settings": {k: v for k, v in asdict(s).items() if k not in ("data", "out", "model")},
@@ -1091,7 +1103,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", required=True, help="where the testbed folder (and last.pt, to resume) goes")
     for name in ("steps", "batch_size", "warmup", "seed", "eval_every", "eval_per_family", "test_per_family",
                  "threads", "extra_per_family", "where_per_image", "recall_per_image", "memory_layer", "tower_steps", "tower_batch_size",
-                 "curriculum_tokens", "grow_from"):
+                 "curriculum_tokens", "grow_from", "stop_at"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "memory_weight",
                  "turn_memory_weight", "referent_weight", "a_init_scale", "visual_aux_weight", "row_flip",
