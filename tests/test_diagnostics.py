@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -75,3 +76,26 @@ def test_reorder_patches_by_hand():
         reorder(visual[:, :8], 3)
     with pytest.raises(ValueError, match="order"):
         reorder(visual, 3, "diagonal")
+
+
+def test_kept_code_patches_counts_what_the_method_leaves(synth):
+    """benchmarks/kept_code_patches.py on the shipped testbed: VTW at layer 3 leaves no visual token to layer 3
+    (nothing kept, layer 3 the first to miss them: a method acting at layer k decides after layer k - 1), the
+    unpruned model prunes nothing (an error naming it), and the method specs parse by hand."""
+    from mambaprune.data.readers import load_dataset
+    from mambaprune.models import load_model
+
+    mod = _module("kept_code_patches")
+    assert mod.parse_method("dtp:keep_ratio=0.5,early_layer=3,late_layer=0.7") == (
+        "dtp", {"keep_ratio": 0.5, "early_layer": 3, "late_layer": 0.7})
+    assert mod.parse_method("vtw:layer=6") == ("vtw", {"layer": 6}) and mod.parse_method("none") == ("none", {})
+    with pytest.raises(ValueError, match="key=value"):
+        mod.parse_method("dtp:0.5")
+    model = load_model("testbed")
+    samples = load_dataset("synthvqa:read", synth, "test")[:3]
+    scenes = {sc["image_id"]: sc for sc in load_scenes(synth, "test")}
+    size = json.loads((synth / "scenes" / "test.json").read_text())["image_size"]     # the scenes' coordinates
+    gone = mod.kept_shares(model, samples, scenes, size, "vtw", {"layer": 3})
+    assert gone == {"code": 0.0, "objects": 0.0, "first_layer_missing": [3]}
+    with pytest.raises(ValueError, match="pruned no visual token"):
+        mod.kept_shares(model, samples, scenes, size, "none", {})
