@@ -12,7 +12,7 @@ slot is read as empty.
 Measured (300 test images), run 26's tower (600 steps, unbalanced) against that of runs 27-29 (1500 steps,
 ``--balance-chars``): code characters' slots 10.9% -> 87.9% (chance 3%), colour 99.8 -> 97.5%, shape 99.3 ->
 86.9%, size 100 -> 99.2%, row 99.9 -> 87.6%, column 99.8 -> 91.4%: it learns to read at some cost to the rest.
-With 3000 balanced steps, run 30's (the shipped testbed's) tower reads 99.1% of the slots, colour 99.1%, shape
+With 3000 balanced steps, run 30's tower (the shipped testbed's too) reads 99.1% of the slots, colour 99.1%, shape
 98.6%, size 99.7%, row 98.5%, column 97.9%.
 """
 from __future__ import annotations
