@@ -5,8 +5,9 @@
 
 For each of the first ``--n`` read questions of the test split, the method prunes the shipped testbed's prefill
 with a :class:`~mambaprune.analysis.KeptTokenRecorder` around it; at the first layer where some visual tokens are
-gone (0 for a method that prunes before the LM), it counts the patches holding a code character's centre (``train_testbed.scene_patches``, from the scene
-description the generator keeps) and those holding an object's centre that are still there. A method that keeps
+gone (0 for a method that prunes before the LM), it counts the patches holding a code character's centre
+(``train_testbed.scene_patches``, from the scene description the generator keeps) and those holding an
+object's centre that are still there. A method that keeps
 the code's patches can still read the code in a later layer; one that drops them cannot (README, "The demo").
 The defaults are the demo's methods at about 70% of the FLOPs, DART also at 50%, and DTP at keep 0.9.
 """
@@ -22,21 +23,15 @@ DEFAULT_METHODS = ("dtp:keep_ratio=0.9,early_layer=3,late_layer=15", "dtp:keep_r
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """``name:key=value,key=value`` -> (name, params), values parsed as int, float or string."""
+    """``name:key=value,key=value`` -> (name, params), values parsed as the harness's ``--param`` values
+    (:func:`~mambaprune.eval.runner.key_value`)."""
+    from mambaprune.eval.runner import key_value
+
     name, _, rest = spec.partition(":")
-    params = {}
-    for item in filter(None, rest.split(",")):
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--method {spec!r}: expected key=value, got {item!r}")
-        for cast in (int, float):
-            try:
-                value = cast(value)
-                break
-            except ValueError:
-                pass
-        params[key] = value
-    return name, params
+    try:
+        return name, dict(key_value(item) for item in filter(None, rest.split(",")))
+    except argparse.ArgumentTypeError as e:
+        raise ValueError(f"--method {spec!r}: {e}") from None
 
 
 def kept_shares(model, samples, scenes: dict, scene_size: int, name: str, params: dict) -> dict:
@@ -51,19 +46,16 @@ def kept_shares(model, samples, scenes: dict, scene_size: int, name: str, params
         scene = scenes[int(Path(s.image).stem)]
         objects, chars = scene_patches(scene, scene_size, model.vision.image_size, model.vision.patch_size)
         prepared = model.prepare(s.image, s.question)
-        unpruned = KeptTokenRecorder()
-        model.prefill(prepared, pruner=unpruned)
-        full = unpruned.positions_by_layer[-1][0]           # the original positions of all the visual tokens
         pruner = build(name, **params)
         pruner.start(model.lm.config)
         recorder = KeptTokenRecorder(pruner)
         model.prefill(prepared, pruner=recorder)
         cut = next((l for l in sorted(recorder.positions_by_layer)
-                    if len(recorder.positions_by_layer[l][0]) < len(full)), None)
+                    if len(recorder.positions_by_layer[l][0]) < prepared.num_visual), None)
         if cut is None:
             raise ValueError(f"{name}{params} pruned no visual token of {s.id}")
         layers.add(cut + 1)
-        kept = {p - min(full) for p in recorder.positions_by_layer[cut][0]}
+        kept = set(recorder.positions_by_layer[cut][0])      # visual token i (patch i) has position i (models.vlm)
         for key, cells in (("code", set(chars)), ("objects", set(objects))):
             counts[key][0] += sum(c in kept for c in cells)
             counts[key][1] += len(cells)
@@ -75,19 +67,20 @@ def main(argv=None) -> None:
     import torch
 
     from mambaprune.data.readers import load_dataset
+    from mambaprune.eval.runner import key_value
     from mambaprune.models import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data-root", required=True, help="a SynthVQA folder (e.g. the demo's demo_out/synthvqa)")
     p.add_argument("--n", type=int, default=30, help="read questions of the test split (default 30)")
-    p.add_argument("--model-arg", action="append", default=[], metavar="KEY=VALUE",
+    p.add_argument("--model-arg", action="append", default=[], type=key_value, metavar="KEY=VALUE",
                    help="testbed loader argument, e.g. folder=DIR (default: the shipped testbed)")
     p.add_argument("--method", action="append", default=None, help="name:key=value,... (repeatable)")
     p.add_argument("--threads", type=int, default=None)
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = load_model("testbed", **dict(a.split("=", 1) for a in args.model_arg))
+    model = load_model("testbed", **dict(args.model_arg))
     root = Path(args.data_root)
     scene_file = json.loads((root / "scenes" / "test.json").read_text())
     scenes = {sc["image_id"]: sc for sc in scene_file["scenes"]}
