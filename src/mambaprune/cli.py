@@ -14,11 +14,10 @@ import sys
 
 def _run_benchmark(run, settings, format_result, json_path) -> int:
     """Run a benchmark with a one-line status on stderr, print its table, optionally save it as JSON."""
-    from tqdm import tqdm
-
     from .bench import save_json
+    from .progress import progress_bar
 
-    bar = tqdm(total=None, bar_format="{desc}", leave=False, file=sys.stderr)
+    bar = progress_bar(total=None, bar_format="{desc}", leave=False, file=sys.stderr)
     res = run(settings, progress=lambda msg: bar.set_description_str(f"bench: {msg}"))
     bar.close()
     print(format_result(res))
@@ -52,13 +51,12 @@ def _bench_pruning(args) -> int:
 
 
 def _synth(args) -> int:
-    from tqdm import tqdm
-
     from .data.synthvqa import SynthConfig, generate_synthvqa
+    from .progress import progress_bar
 
     cfg = SynthConfig(seed=args.seed, per_family=args.per_family, train_multiplier=args.train_multiplier,
                       image_size=args.image_size, code_length=args.code_length)
-    with tqdm(total=sum(cfg.split_sizes().values()), desc="synth", unit="img", file=sys.stderr) as bar:
+    with progress_bar(total=sum(cfg.split_sizes().values()), desc="synth", unit="img", file=sys.stderr) as bar:
         manifest = generate_synthvqa(args.out, cfg, progress=bar.update)
     sizes = ", ".join(f"{split} {c['images']}" for split, c in manifest["splits"].items())
     print(f"SynthVQA written to {args.out}: images (= questions per family) {sizes}; "

@@ -79,7 +79,7 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
-from tqdm import tqdm
+from .progress import progress_bar
 
 __all__ = [
     "DEFAULT_ALPHA", "DEFAULT_EPS", "DEFAULT_K", "INTERACTIONS", "Curves", "Policy", "add_plan_arguments",
@@ -579,11 +579,12 @@ def measure_curves(model, samples, *, points: int = 6, early_points: Sequence[in
     for e in early_pts:
         wanted.setdefault((e, n_ref, L), []).append(("early", e))
 
-    refs = [_logits(model, s) for s in tqdm(prepared, desc="unpruned reference", disable=not progress, leave=False)]
+    refs = [_logits(model, s)
+            for s in progress_bar(prepared, desc="unpruned reference", disable=not progress, leave=False)]
     curves = Curves(n_layer=L, n_visual=N, n_text=_n_text(prepared), n_samples=sum(int(r.shape[0]) for r in refs),
                     ref_early=e_ref, ref_keep=n_ref, early={}, keep={N: 0.0}, late={L: 0.0}, k=k, eps=eps,
                     runs=len(wanted))
-    for (e, n, l), uses in tqdm(list(wanted.items()), desc="divergence curves", disable=not progress):
+    for (e, n, l), uses in progress_bar(list(wanted.items()), desc="divergence curves", disable=not progress):
         value = _mean_divergence(model, prepared, refs, _pruner(e, n, l, L, N), k, eps)
         for name, x in uses:
             getattr(curves, name)[x] = value
@@ -756,7 +757,7 @@ def check_additivity(model, samples, n_policies: int = 50, *, curves: Curves | N
     policies = _sample_policies(L, N, n_policies, torch.Generator().manual_seed(seed))
     refs = [_logits(model, s) for s in prepared]
     rows = []
-    for e, n, l in tqdm(policies, desc="joint divergences", disable=not progress):
+    for e, n, l in progress_bar(policies, desc="joint divergences", disable=not progress):
         joint = _mean_divergence(model, prepared, refs, _pruner(e, n, l, L, N), k, eps)
         pol = {"early": torch.tensor([e]), "keep": torch.tensor([n]), "late": torch.tensor([l])}
         predicted = {inter: (None if t is None else float(policy_scores(pol, *t, L, N, inter)[0]))

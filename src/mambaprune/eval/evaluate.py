@@ -17,16 +17,16 @@ from .metrics import get_metric
 
 def answer_samples(model, samples: Sequence, pruner=None, batch_size: int = 16, progress: bool | str = False,
                    **options) -> list[str]:
-    """The model's answer to every sample, in order. ``progress`` shows a tqdm bar (a string is its label);
+    """The model's answer to every sample, in order. ``progress`` shows a progress bar (a string is its label; :mod:`mambaprune.progress`);
     ``options`` are generation options of :meth:`MambaVLM.answer` (e.g. ``max_new_tokens``)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     samples = list(samples)
     starts = range(0, len(samples), batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from ..progress import progress_bar
 
-        starts = tqdm(starts, desc=progress if isinstance(progress, str) else "answering", unit="batch",
+        starts = progress_bar(starts, desc=progress if isinstance(progress, str) else "answering", unit="batch",
                       leave=False)
     answers = []
     with torch.no_grad():

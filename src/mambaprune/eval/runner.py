@@ -644,7 +644,7 @@ def run_eval(config: EvalConfig, progress: bool = True, model=None) -> dict | No
 
     See the module docstring for the files, the resumption, errors and several processes. Validation
     (:func:`validate`) happens before the model is loaded; the method's layers are checked before any sample
-    runs. ``progress`` shows a tqdm bar over the samples (rank 0 only).
+    runs. ``progress`` shows a progress bar over the samples (rank 0 only; :mod:`mambaprune.progress`).
     """
     from ..data.readers import load_dataset, resolve_dataset
 
@@ -693,9 +693,9 @@ def run_eval(config: EvalConfig, progress: bool = True, model=None) -> dict | No
                 runner.warm_up([s for _, s in pending], config.warmup)
                 bar = None
                 if progress and rank == 0:
-                    from tqdm.auto import tqdm
+                    from ..progress import progress_bar
 
-                    bar = tqdm(total=len(mine), initial=len(mine) - len(pending), unit="sample",
+                    bar = progress_bar(total=len(mine), initial=len(mine) - len(pending), unit="sample",
                                desc=method_label(config.method, config.params), file=sys.stderr)
                 try:
                     base_total = state["total_s"]

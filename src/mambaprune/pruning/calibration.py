@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import torch
-from tqdm import tqdm
+from ..progress import progress_bar
 
 from .dtp import layer_std, select_layers
 from .sequence import SIGNAL_NAMES, TokenSequence
@@ -62,7 +62,7 @@ def std_curve(model, samples: Iterable, signal: str = "delta", progress: bool = 
     error (the statistic is about visual tokens).
     """
     rows = []
-    for sample in tqdm(list(samples), desc="std curve", disable=not progress, leave=False):
+    for sample in progress_bar(list(samples), desc="std curve", disable=not progress, leave=False):
         by_layer = importance_by_layer(model, sample, signal)
         n_layer = len(by_layer)
         n_rows = len(by_layer[0])
@@ -146,7 +146,7 @@ def search_vtw_layer(model, samples: Sequence, eta: float, start: int = 5,
     full = [o.logits for o in outs]
     n_layer = len(outs[0].tokens_per_layer)
     tried: dict[int, float] = {}
-    for k in tqdm(range(max(0, start), n_layer), desc="vtw search", disable=not progress, leave=False):
+    for k in progress_bar(range(max(0, start), n_layer), desc="vtw search", disable=not progress, leave=False):
         pruner = VTW(layer=k)
         kls = [first_token_kl(prefill(model, s, hook=pruner).logits, ref) for s, ref in zip(samples, full)]
         tried[k] = float(torch.cat(kls).mean())
