@@ -24,8 +24,8 @@ DEFAULT_METHODS = ("dtp:keep_ratio=0.9,early_layer=3,late_layer=15", "dtp:keep_r
 
 def parse_method(spec: str) -> tuple[str, dict]:
     """``name:key=value,key=value`` -> (name, params), values parsed as the harness's ``--param`` values
-    (:func:`~mambaprune.eval.runner.key_value`)."""
-    from mambaprune.eval.runner import key_value
+    (:func:`~mambaprune.eval.cli.key_value`)."""
+    from mambaprune.eval.cli import key_value
 
     name, _, rest = spec.partition(":")
     try:
@@ -67,7 +67,7 @@ def main(argv=None) -> None:
     import torch
 
     from mambaprune.data.readers import load_dataset
-    from mambaprune.eval.runner import key_value
+    from mambaprune.eval.cli import key_value
     from mambaprune.models import load_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])

@@ -28,7 +28,7 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from mambaprune.eval.runner import key_value
+    from mambaprune.eval.cli import key_value
     from mambaprune.planner import DEFAULT_ALPHA, INTERACTIONS
 
     p = argparse.ArgumentParser(prog="planner_vs_dtp.py", description=__doc__.split("\n\n")[0])
@@ -55,8 +55,9 @@ def main(argv=None) -> int:
     from mambaprune.data.readers import load_dataset
     from mambaprune.data.synthvqa import SynthConfig, generate_synthvqa
     from mambaprune.demo import plan_runs
+    from mambaprune.eval.config import EvalConfig, method_label, resolve_loader
     from mambaprune.eval.report import accuracy_table, load_runs
-    from mambaprune.eval.runner import EvalConfig, method_label, resolve_loader, run_eval
+    from mambaprune.eval.runner import run_eval
     from mambaprune.pruning.base import num_to_keep
     from mambaprune.workflows import calibrate, spread
 

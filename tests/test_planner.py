@@ -17,7 +17,9 @@ pytest.importorskip("transformers")
 import runner_fixture_model as fx  # noqa: E402
 from mambaprune import planner as P  # noqa: E402
 from mambaprune.data import SynthConfig, generate_synthvqa, load_dataset  # noqa: E402
-from mambaprune.eval.runner import add_eval_arguments, config_from_args, read_records, run_eval  # noqa: E402
+from mambaprune.eval.cli import add_eval_arguments, config_from_args  # noqa: E402
+from mambaprune.eval.records import read_records  # noqa: E402
+from mambaprune.eval.runner import run_eval  # noqa: E402
 from mambaprune.flops import lm_macs  # noqa: E402
 from mambaprune.models.mamba_lm import MambaConfig  # noqa: E402
 from mambaprune.pruning import build  # noqa: E402

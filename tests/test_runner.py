@@ -23,9 +23,12 @@ import runner_fixture_model as fx  # noqa: E402
 from mambaprune.data import SynthConfig, generate_synthvqa, load_dataset  # noqa: E402
 from mambaprune.eval import runner as R  # noqa: E402
 from mambaprune.eval.metrics import get_metric  # noqa: E402
-from mambaprune.eval.runner import (SUMMARY_TIMING_FIELDS, TIMING_FIELDS, TIMING_PROTOCOL, EvalConfig,  # noqa: E402
-                                    add_eval_arguments, config_from_args, parse_value, read_records, run_eval,
-                                    validate)
+from mambaprune.eval.cli import add_eval_arguments, config_from_args, parse_value  # noqa: E402
+from mambaprune.eval.config import EvalConfig, validate  # noqa: E402
+from mambaprune.eval.loop import TIMING_FIELDS, TIMING_PROTOCOL  # noqa: E402
+from mambaprune.eval.records import read_records  # noqa: E402
+from mambaprune.eval.runner import run_eval  # noqa: E402
+from mambaprune.eval.summary import SUMMARY_TIMING_FIELDS  # noqa: E402
 from mambaprune.flops import lm_macs  # noqa: E402
 from mambaprune.models.vlm import MambaVLM  # noqa: E402
 from mambaprune.pruning import build  # noqa: E402

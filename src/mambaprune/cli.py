@@ -143,7 +143,8 @@ def _analyze(args) -> int:
 
 
 def _eval(args) -> int:
-    from .eval.runner import config_from_args, run_eval
+    from .eval.cli import config_from_args
+    from .eval.runner import run_eval
 
     try:
         config = config_from_args(args)
@@ -201,7 +202,7 @@ def _demo(args) -> int:
 
 
 def _model_arguments(p: argparse.ArgumentParser) -> None:
-    from .eval.runner import key_value
+    from .eval.cli import key_value
 
     p.add_argument("--model", default="testbed", help="a registered model name (default: testbed)")
     p.add_argument("--model-arg", action="append", type=key_value, metavar="KEY=VALUE",
@@ -217,7 +218,7 @@ def _data_arguments(p: argparse.ArgumentParser, split: str | None) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .eval.runner import key_value
+    from .eval.cli import key_value
 
     p = argparse.ArgumentParser(prog="mambaprune", description="Training-free visual token pruning for Mamba MLLMs")
     sub = p.add_subparsers(dest="command", required=True)
@@ -245,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_arguments(t)
     t.set_defaults(func=_train_testbed)
 
-    from .eval.runner import add_eval_arguments
+    from .eval.cli import add_eval_arguments
 
     e = sub.add_parser("eval", help="one model x method x dataset run: samples.jsonl + summary.json (resumable; "
                                     "shards under torchrun)")

@@ -63,11 +63,10 @@ def run_demo(out="demo_out", per_family: int = 30, calib_samples: int = 16, swee
              model_args: dict | None = None) -> dict:
     """Run the demo into ``out``; returns ``{"calibration", "runs": {name: summary}, "tables": {...},
     "figures": {...}}``. ``model_name`` / ``model_args`` pick another model than the shipped testbed (any
-    name :func:`~mambaprune.eval.runner.resolve_loader` accepts)."""
-    from .eval.runner import resolve_loader
-
+    name :func:`~mambaprune.eval.config.resolve_loader` accepts)."""
+    from .eval.config import EvalConfig, resolve_loader
     from .eval.report import accuracy_table, efficiency_table, load_runs, plot_sweep, sweep_table
-    from .eval.runner import EvalConfig, run_eval
+    from .eval.runner import run_eval
 
     t0 = time.perf_counter()
     out = Path(out)

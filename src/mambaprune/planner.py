@@ -635,7 +635,7 @@ class Policy:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
 
     def describe(self) -> str:
-        from .eval.runner import method_label
+        from .eval.config import method_label
 
         p = self.policy
         if self.method == "none":
@@ -774,7 +774,7 @@ def check_additivity(model, samples, n_policies: int = 50, *, curves: Curves | N
 # ---------------------------------------------------------------------------------------------- command line
 def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """The flags of ``mambaprune plan``."""
-    from .eval.runner import key_value
+    from .eval.cli import key_value
 
     a = parser.add_argument
     a("--model", default="testbed", help="registered model name or module.path:function (default: testbed)")
