@@ -58,6 +58,7 @@ def main(argv=None) -> int:
     from mambaprune.eval.config import EvalConfig, method_label, resolve_loader
     from mambaprune.eval.report import accuracy_table, load_runs
     from mambaprune.eval.runner import run_eval
+    from mambaprune.planner.measure import _prepared
     from mambaprune.pruning.base import num_to_keep
     from mambaprune.workflows import calibrate, spread
 
@@ -73,7 +74,7 @@ def main(argv=None) -> int:
     L, N = model.lm.config.n_layer, model.vision.num_tokens
     val = load_dataset("synthvqa", root, "val")
     test = load_dataset("synthvqa", root, "test")
-    calib = P._prepared(model, spread(val, args.samples))
+    calib = _prepared(model, spread(val, args.samples))
 
     curves_path = out / "curves.json"
     if curves_path.is_file():

@@ -22,6 +22,7 @@ from mambaprune.eval.records import read_records  # noqa: E402
 from mambaprune.eval.runner import run_eval  # noqa: E402
 from mambaprune.flops import lm_macs  # noqa: E402
 from mambaprune.models.mamba_lm import MambaConfig  # noqa: E402
+from mambaprune.planner.measure import _n_text, _prepared  # noqa: E402
 from mambaprune.pruning import build  # noqa: E402
 
 MODEL = "runner_fixture_model:load_tiny"
@@ -335,7 +336,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def prepared(model, data):
-    return P._prepared(model, load_dataset("synthvqa", data, "val")[:3])
+    return _prepared(model, load_dataset("synthvqa", data, "val")[:3])
 
 
 @pytest.fixture(scope="module")
@@ -346,7 +347,7 @@ def curves(model, prepared):
 def test_measure_curves_on_the_tiny_model(model, prepared, curves):
     L, N = 8, 16
     assert (curves.n_layer, curves.n_visual, curves.n_samples, curves.ref_early, curves.ref_keep) == (L, N, 3, 2, 8)
-    assert curves.n_text == P._n_text(prepared) == round(sum(len(p.text_ids[0]) for p in prepared) / 3)
+    assert curves.n_text == _n_text(prepared) == round(sum(len(p.text_ids[0]) for p in prepared) / 3)
     assert sorted(curves.early) == [0, 2, 3, 6] and sorted(curves.keep) == [1, 8, 14, 16]
     assert sorted(curves.late) == [1, 3, 6, 8]
     assert curves.keep[N] == 0.0 and curves.late[L] == 0.0
