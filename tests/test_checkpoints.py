@@ -638,9 +638,12 @@ def test_bfloat16_load_runs(tmp_path, layout):
     assert out.logits.dtype == torch.bfloat16
     assert out.logits.shape == (2, model.config.padded_vocab_size)
     assert torch.isfinite(out.logits.float()).all() and torch.isfinite(full.logits.float()).all()
-    # bf16 is close to the fp32 result (loose bound: bf16 has ~3 significant digits)
+    # bf16 is close to the fp32 result: largest error 1.2% (transformers) and 1.0% (mamba_ssm) of the largest
+    # logit, measured (bf16 has ~3 significant digits)
     fp32 = our_last_logits(ref, ids)
-    assert (out.logits.float() - fp32).abs().max() < 0.1 * fp32.abs().max() + 0.05
+    rel = float((out.logits.float() - fp32).abs().max() / fp32.abs().max())
+    print(f"{layout}: bf16 logit error {100 * rel:.2f}% of the largest logit")
+    assert rel < 0.02, rel
 
 
 def test_a_tensor_given_twice_is_refused(tmp_path):

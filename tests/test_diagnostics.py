@@ -3,13 +3,15 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from mambaprune.data.synthvqa import SynthConfig, answer_question, generate_synthvqa, load_scenes
+from mambaprune.data.synthvqa import GLYPH_H, GLYPH_W, SynthConfig, answer_question, generate_synthvqa, load_scenes
+from mambaprune.pruning.base import Pruner, keep_visual
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -99,3 +101,78 @@ def test_kept_code_patches_counts_what_the_method_leaves(synth):
     assert gone == {"code": 0.0, "objects": 0.0, "first_layer_missing": [3]}
     with pytest.raises(ValueError, match="pruned no visual token"):
         mod.kept_shares(model, samples, scenes, size, "none", {})
+
+
+class _KeepHalf(Pruner):
+    """A fixed pruner: at ``layer``, keeps the visual tokens of one half of the image, the ``left`` or the
+    ``top`` half of the patch grid (the i-th visual token of the sequence is patch i, row-major)."""
+
+    name = "keep_half"
+
+    def __init__(self, layer: int, half: str, grid: int):
+        super().__init__()
+        self.layer, self.half, self.grid = layer, half, grid
+
+    def setup(self, n_layer):
+        return {self.layer}
+
+    def act(self, seq, layer):
+        visual = seq.is_visual & seq.mask
+        patch = visual.long().cumsum(1) - 1                   # the visual tokens' rank in the sequence
+        inside = patch % self.grid < self.grid // 2 if self.half == "left" else patch // self.grid < self.grid // 2
+        return keep_visual(seq, visual & inside)
+
+
+def test_kept_code_patches_counts_a_known_kept_set(synth, monkeypatch):
+    """kept_code_patches.kept_shares with a method whose kept set is known (one half of the image, before the LM
+    and at layer 5), against shares counted here from the scene descriptions alone. What is counted is patches
+    (a patch holding two characters' centres counts once): the patch (row, column) of a point (x, y) of the
+    scene is (y, x) scaled to the tower's pixels, divided by the patch size; it is kept iff its column (row) is
+    in the left (top) half of the grid. A code character's centre is the middle of its glyph cell as the
+    renderer lays it out (``code_mask``: character k spans columns k * (GLYPH_W + 1) * scale .. + GLYPH_W * scale
+    and GLYPH_H * scale rows from the sign's text origin)."""
+    import mambaprune.pruning
+    from mambaprune.data.readers import load_dataset
+    from mambaprune.models import load_model
+
+    mod = _module("kept_code_patches")
+    model = load_model("testbed")
+    grid = model.vision.image_size // model.vision.patch_size
+    assert grid % 2 == 0
+    samples = load_dataset("synthvqa:read", synth, "test")[:12]
+    scenes = {sc["image_id"]: sc for sc in load_scenes(synth, "test")}
+    size = json.loads((synth / "scenes" / "test.json").read_text())["image_size"]
+    real_build = mambaprune.pruning.build
+    monkeypatch.setattr(mambaprune.pruning, "build",
+                        lambda name, **p: _KeepHalf(**p, grid=grid) if name == "keep_half" else real_build(name, **p))
+
+    pixels_per_patch = model.vision.patch_size * size / model.vision.image_size      # in scene coordinates
+
+    def cell(x: float, y: float) -> tuple[int, int]:
+        row, col = math.floor(y / pixels_per_patch), math.floor(x / pixels_per_patch)
+        assert 0 <= row < grid and 0 <= col < grid
+        return row, col
+
+    def expected(axis: int) -> tuple[float, float]:
+        code, objects = [0, 0], [0, 0]
+        shared = 0
+        for s in samples:
+            scene = scenes[int(Path(s.image).stem)]
+            sign = scene["sign"]
+            chars = {cell(sign["text_origin"][0] + (k * (GLYPH_W + 1) + GLYPH_W / 2) * sign["scale"],
+                          sign["text_origin"][1] + GLYPH_H * sign["scale"] / 2) for k in range(len(scene["code"]))}
+            shared += len(scene["code"]) - len(chars)
+            for counts, cells in ((code, chars), (objects, {cell(*o["center"]) for o in scene["objects"]})):
+                counts[0] += sum(c[1 - axis] < grid // 2 for c in cells)
+                counts[1] += len(cells)
+        assert shared > 0                                           # some characters do share a patch
+        return code[0] / code[1], objects[0] / objects[1]
+
+    shares = {}
+    for half, axis, layer in (("left", 0, 0), ("top", 1, 5)):
+        code, objects = expected(axis)
+        assert 0 < code < 1 and 0 < objects < 1                     # the half splits both sets
+        shares[half] = (code, objects)
+        got = mod.kept_shares(model, samples, scenes, size, "keep_half", {"layer": layer, "half": half})
+        assert got == {"code": code, "objects": objects, "first_layer_missing": [layer]}, half
+    assert shares["left"] != shares["top"]                          # x and y cannot be swapped unnoticed

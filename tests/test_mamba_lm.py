@@ -215,6 +215,10 @@ def test_stops_on_eos_and_pads_finished_samples(small_lm):
     assert single[0].tolist() == greedy[0, :3].tolist()
 
 
+# largest logit error relative to the largest fp32 logit, measured on this model: 2.4% (bf16), 0.7% (fp16)
+LOW_PRECISION_BOUND = {torch.bfloat16: 0.04, torch.float16: 0.015}
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_runs_close_to_fp32(dtype):
     _, ours = hf_pair(seed=8)
@@ -224,8 +228,16 @@ def test_low_precision_runs_close_to_fp32(dtype):
         low = ours.to(dtype)
         out = low(ids, use_cache=True)
     assert out.logits.dtype == dtype and all(c.ssm_state.dtype == torch.float32 for c in out.cache.layers)
-    assert (out.logits.float() - ref).abs().max() < 0.1 * ref.abs().max()
-    low.generate(ids, max_new_tokens=3)
+    rel = float((out.logits.float() - ref).abs().max() / ref.abs().max())
+    print(f"{dtype}: largest logit error {100 * rel:.2f}% of the largest logit")
+    assert rel < LOW_PRECISION_BOUND[dtype], (dtype, rel)
+    # cached generation in low precision = a greedy loop over full low-precision forwards
+    with torch.no_grad():
+        generated = low.generate(ids, max_new_tokens=3, eos_token_id=None)
+        seq = ids
+        for _ in range(3):
+            seq = torch.cat([seq, low(seq).logits.float().argmax(-1, keepdim=True)], 1)
+    assert generated.shape == (2, 3) and torch.equal(generated, seq[:, ids.shape[1]:])
 
 
 @pytest.mark.parametrize("bad", ["float_ids", "1d", "empty", "too_big", "negative", "right_padded",

@@ -49,10 +49,46 @@ class Killed(BaseException):
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+#: the score each test sample gets from the unpruned tiny model once the data fixture has scripted its answers
+SCRIPTED_SCORES = {"attr/30000001": 0.0, "attr/30000011": 0.0, "exist/random/1": 1.0, "exist/popular/1": 0.0,
+                   "read/30000003": 0.3, "read/30000013": 0.9, "count/30000004": 0.0, "count/30000014": 0.6,
+                   "spatial/0": 0.0, "spatial/1": 0.0}
+
+
+def _script_answers(root: Path) -> None:
+    """Rewrite some test answers so that the tiny model's own (garbage, unpruned) answers score a known mix:
+    read/30000003 is one of its ten human answers (VQA accuracy (9 * 1/3 + 1 * 0) / 10 = 0.3), read/30000013
+    three of them ((3 * 2/3 + 7 * 1) / 10 = 0.9), count/30000014 two of them ((2 * 1/3 + 8 * 2/3) / 10 = 0.6);
+    exist/popular/1 is labelled "no" (the model says yes to anything); the rest keep the true answers, which the
+    model never gives (score 0; exist/random/1, labelled yes, 1)."""
+    model = fx.load_tiny()
+    said = {s.id: model.answer(s.image, s.question) for s in load_dataset("synthvqa", root)}
+    path = root / "textvqa" / "TextVQA_synth_test.json"
+    text = json.loads(path.read_text())
+    for q in text["data"]:
+        k = {30000003: 1, 30000013: 3}[q["question_id"]]
+        assert said[f"read/{q['question_id']}"] not in q["answers"]
+        q["answers"] = [said[f"read/{q['question_id']}"]] * k + q["answers"][k:]
+    path.write_text(json.dumps(text))
+    path = root / "vqav2" / "v2_synth_test_annotations.json"
+    counts = json.loads(path.read_text())
+    for a in counts["annotations"]:
+        if a["question_id"] == 30000014:
+            for h in a["answers"][:2]:
+                h["answer"] = said["count/30000014"]
+    path.write_text(json.dumps(counts))
+    path = root / "pope" / "synth_test_pope_popular.json"
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(q["question_id"], q["label"]) for q in lines] == [(1, "yes")]
+    lines[0]["label"] = "no"
+    path.write_text("".join(json.dumps(q) + "\n" for q in lines))
+
+
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("runner") / "synth"
     generate_synthvqa(root, SynthConfig(seed=1, per_family=2, train_multiplier=1))
+    _script_answers(root)
     return root
 
 
@@ -159,12 +195,67 @@ def test_records_and_summary(runs, data):
         assert summary["decode_ms_per_token_mean"] == pytest.approx(sum(r["decode_ms"] for r in records) / steps)
     assert runs["none"][1]["flops_ratio"] == 1.0
     assert 0.5 < runs["dtp"][1]["flops_ratio"] < 1.0
+    # the unpruned run on the scripted answers, by hand: mixed scores, distinct answers
+    none, records = runs["none"][1], runs["none"][2]
+    assert {r["id"]: r["score"] for r in records} == pytest.approx(SCRIPTED_SCORES, abs=1e-12)
+    assert len({r["prediction"] for r in records if r["prediction"]}) == sum(bool(r["prediction"]) for r in records) > 5
+    assert none["accuracy"] == pytest.approx({"synthvqa:attr": 0.0, "synthvqa:exist": 50.0, "synthvqa:read": 60.0,
+                                              "synthvqa:count": 30.0, "synthvqa:spatial": 0.0})
+    assert none["average"] == pytest.approx(28.0)
+    # POPE, 1 true yes and 1 false yes: precision 1/2, recall 1/1, F1 2/3, yes ratio 1
+    assert none["metrics"]["synthvqa:exist"] == pytest.approx(
+        {"accuracy": 50.0, "precision": 50.0, "recall": 100.0, "f1": 200 / 3, "yes_ratio": 100.0, "n": 2,
+         "n_errors": 0})
     # the records hold what the model answers outside the runner
     for s, r in zip(samples[:3], runs["none"][2]):
         assert r["prediction"] == model.answer(s.image, s.question)
     # the POPE group carries its full summary, in percent
     pope = runs["none"][1]["metrics"]["synthvqa:exist"]
     assert {"accuracy", "precision", "recall", "f1", "yes_ratio"} <= set(pope)
+
+
+def test_summary_of_hand_made_records():
+    """summarize_records on records made by hand, with unequal groups, an error, mixed scores and costs, where
+    each average differs from its tempting alternative (macro vs micro, sum/sum vs mean of ratios, all decoding
+    time / all steps vs mean of per-record rates)."""
+    def rec(group, metric, prediction, answers, flops, base, tpl, prefill, decode, steps, method, error=None):
+        if error is not None:
+            return dict(group=group, metric=metric, prediction=None, answers=answers, score=None, flops=None,
+                        flops_baseline=None, tokens_per_layer=None, prefill_ms=None, decode_ms=None,
+                        n_decode_steps=None, method_ms=None, error=error)
+        score = float(get_metric(metric).score(prediction, answers))
+        return dict(group=group, metric=metric, prediction=prediction, answers=answers, score=score, flops=flops,
+                    flops_baseline=base, tokens_per_layer=tpl, prefill_ms=prefill, decode_ms=decode,
+                    n_decode_steps=steps, method_ms=method, error=None)
+
+    records = [
+        rec("a", "exact_match", "red", ["red"], 10, 20, [4, 2], 1.0, 6.0, 3, 0.5),
+        rec("a", "exact_match", "blue", ["red"], 30, 40, [6, 2], 2.0, 2.0, 1, 0.25),
+        rec("a", "exact_match", "Red.", ["red"], 20, 40, [5, 5], 3.0, 0.0, 0, 0.0),
+        rec("b", "vqa_accuracy", "2", ["2", "2"] + ["3"] * 8, 40, 40, [8, 8], 6.0, 12.0, 4, 1.0),
+        rec("b", "vqa_accuracy", None, ["2"], None, None, None, None, None, None, None, error="OSError: gone"),
+        rec("c", "pope", "yes", ["yes"], 10, 10, [1, 1], 1.0, 0.0, 0, 0.0),
+        rec("c", "pope", "no", ["yes"], 10, 10, [1, 1], 1.0, 0.0, 0, 0.0),
+        rec("c", "pope", "Yes, there is.", ["no"], 10, 10, [1, 1], 1.0, 0.0, 0, 0.0),
+        rec("c", "pope", "no", ["no"], 10, 10, [1, 1], 1.0, 0.0, 0, 0.0),
+    ]
+    s = R.summarize_records(records, {"method": "dtp", "params": {"keep_ratio": 0.5}}, world_size=3)
+    assert (s["label"], s["n_samples"], s["n_errors"], s["n_scored"], s["world_size"]) == (
+        "dtp(keep_ratio=0.5)", 9, 1, 8, 3)
+    # a: 2 of 3 exact ("Red." normalises to "red"); b: VQA accuracy 0.6 (the error is not scored); c: POPE 2/4
+    assert [r["score"] for r in records if r["error"] is None] == pytest.approx([1, 0, 1, 0.6, 1, 0, 0, 1])
+    assert s["accuracy"] == pytest.approx({"a": 200 / 3, "b": 60.0, "c": 50.0})
+    assert s["average"] == pytest.approx((200 / 3 + 60 + 50) / 3)                 # 58.89, not the micro 57.5
+    assert s["metrics"]["b"] == pytest.approx({"accuracy": 60.0, "n": 1, "n_errors": 1})
+    assert s["metrics"]["c"] == pytest.approx({"accuracy": 50.0, "precision": 50.0, "recall": 50.0, "f1": 50.0,
+                                               "yes_ratio": 50.0, "n": 4, "n_errors": 0})
+    assert s["flops"] == pytest.approx(140 / 8) and s["flops_baseline"] == pytest.approx(180 / 8)
+    assert s["flops_ratio"] == pytest.approx(140 / 180)                           # not the mean ratio 0.84
+    assert s["tokens_per_layer_mean"] == pytest.approx([27 / 8, 21 / 8])
+    assert s["prefill_ms_mean"] == pytest.approx(16 / 8) and s["method_ms_mean"] == pytest.approx(1.75 / 8)
+    assert s["decode_ms_per_token_mean"] == pytest.approx(20 / 8)                 # not the mean rate 2.33
+    empty = R.summarize_records([records[4]], {"method": "none"})
+    assert empty["accuracy"] == {"b": None} and empty["average"] is None and empty["flops_ratio"] is None
 
 
 def test_batches_give_each_sample_its_own_counts(runs, data, tmp_path):
@@ -229,6 +320,7 @@ def test_kill_and_resume_equals_an_uninterrupted_run(runs, tmp_path, monkeypatch
     records = [json.loads(line) for line in lines]              # every line whole
     assert [r["id"] for r in records] == [r["id"] for r in ref_records]     # each sample once, in order
     assert [no_timing(r) for r in records] == [no_timing(r) for r in ref_records]
+    assert len({r["score"] for r in records}) >= 4 and len(set(summary["accuracy"].values())) >= 4  # mixed
     assert comparable(summary) == comparable(reference)
     assert json.loads((tmp_path / "run" / "summary.json").read_text()) == summary
 
@@ -274,6 +366,11 @@ def test_unreadable_image_is_an_error_record(data, tmp_path, damage, needle):
         assert summary["metrics"][g]["n_errors"] == sum(r["group"] == g and r["id"] in hit for r in records)
     ok = [r for r in records if r["error"] is None]
     assert summary["flops"] == pytest.approx(sum(r["flops"] for r in ok) / len(ok))
+    # by hand: the samples of the second image alone are scored (SCRIPTED_SCORES), one per family
+    assert sorted(hit) == ["attr/30000001", "count/30000004", "exist/random/1", "read/30000003", "spatial/0"]
+    assert summary["accuracy"] == pytest.approx({"synthvqa:attr": 0.0, "synthvqa:exist": 0.0, "synthvqa:read": 90.0,
+                                                 "synthvqa:count": 60.0, "synthvqa:spatial": 0.0})
+    assert summary["average"] == pytest.approx(30.0)
     # a restart with fatal_errors (not part of a run's identity) keeps the records and raises nothing
     assert comparable(run_eval(replace(cfg, fatal_errors=True), progress=False), ["config"]) == \
         comparable(summary, ["config"])

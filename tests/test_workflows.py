@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -61,13 +62,50 @@ def test_flops_cli(capsys):
     assert "layer=2" in line and abs(float(line.split("|")[3].strip().rstrip("%")) - 50.0) < 0.2
 
 
+def _std_curve_by_hand(model, samples):
+    """DTP's Eq. 6-7 outside the library: Δ = softplus(dt_proj(.)) caught on each layer's dt_proj in a plain
+    prefill, its mean over the channels per visual token (Eq. 6), the population Std over the visual tokens of
+    each layer (Eq. 7), averaged over the samples; in fp64 and plain Python."""
+    caught = {}
+    handles = [layer.mixer.dt_proj.register_forward_hook(
+        lambda mod, args, out, l=l: caught.__setitem__(l, out.detach().double()))
+        for l, layer in enumerate(model.lm.backbone.layers)]
+    curves = []
+    try:
+        for s in samples:
+            prepared = model.prepare(s.image, s.question)
+            caught.clear()
+            with torch.no_grad():
+                model.prefill(prepared)
+            visual = prepared.is_visual[0]
+            curve = []
+            for l in range(len(model.lm.backbone.layers)):
+                importance = torch.nn.functional.softplus(caught[l][0][visual]).mean(-1).tolist()     # Eq. 6
+                mean = sum(importance) / len(importance)
+                curve.append(math.sqrt(sum((x - mean) ** 2 for x in importance) / len(importance)))  # Eq. 7
+            curves.append(curve)
+    finally:
+        for h in handles:
+            h.remove()
+    return [sum(c[l] for c in curves) / len(curves) for l in range(len(curves[0]))]
+
+
 def test_calibrate_matches_calibrate_dtp_and_writes_its_files(model, data, tmp_path):
     samples = load_dataset("synthvqa", data, "val")[:4]
     result = calibrate(model, samples, tmp_path, progress=False)
     direct = calibrate_dtp(model, prepare_samples(model, samples), progress=False)
     assert result["std"] == direct.std_curve and (result["early_layer"], result["late_layer"]) == (
         direct.early_layer, direct.late_layer)
-    assert 0 <= result["early_layer"] <= 2 and 6 <= result["late_layer"] <= 7      # Eq. 8-9 ranges, L = 8
+    # the curve and the layers against an independent computation: Eq. 8 is the first minimum over layers
+    # 0..int(0.25 * 8) = 0..2, Eq. 9 one past the largest |Std_{l+1} - Std_l| over l = int(0.7 * 8)..6 = 5..6
+    std = _std_curve_by_hand(model, samples)
+    assert result["std"] == pytest.approx(std, rel=1e-3)
+    early = min(range(3), key=lambda l: (std[l], l))
+    late = max(range(5, 7), key=lambda l: (abs(std[l + 1] - std[l]), -l)) + 1
+    assert (result["early_layer"], result["late_layer"]) == (early, late) == (2, 6)
+    # neither choice is a near-tie that the fp32 / fp64 difference (< 0.1%) could flip
+    assert sorted(std[:3])[1] - sorted(std[:3])[0] > 0.05 * max(std)
+    assert abs(abs(std[7] - std[6]) - abs(std[6] - std[5])) > 0.05 * max(std)
     saved = json.loads((tmp_path / "calibration.json").read_text())
     assert saved["early_layer"] == result["early_layer"] and saved["n_samples"] == 4
     assert (tmp_path / "std_curve.png").stat().st_size > 0

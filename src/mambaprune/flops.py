@@ -103,6 +103,7 @@ def match_flops(method: str, target_ratio: float, config, n_visual: int, n_text:
     for v in values:
         try:
             pruner = build(method, **{**fixed, param: v})
+            pruner.start(config)                                     # the layer checks a run makes
             ratio = expected_macs(pruner, config, n_visual, n_text) / base
         except ValueError:
             continue                                                 # a value this method does not admit
