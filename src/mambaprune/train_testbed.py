@@ -44,7 +44,7 @@ first (:func:`reorder_patches`; the scan-memory read-outs skip those images, who
 order), so that a named object's row can no longer be recalled from how long ago the scan passed it, only
 from what its tokens hold. ``tower_from`` skips stage 1 and takes the tower of a trained testbed or checkpoint
 (:func:`load_tower`), so stage-2 recipes can be compared on one tower. A
-shallow Mamba leaves the plateau of recall tasks far sooner than a 16-layer one (``benchmarks/recall_plateau.py``).
+shallow Mamba leaves the plateau of recall tasks far sooner than a 16-layer one (``research/recall_plateau.py``).
 An optional token curriculum (``token_curriculum``, :func:`curriculum_positions`) trains first on the content
 patches of each image only and grows the visual sequence to the full grid. AdamW, linear warm-up then cosine
 decay, gradient clipping, fp32. Every ``eval_every`` steps the model answers ``eval_per_family`` validation
@@ -163,7 +163,7 @@ def init_mamba_(lm, seed: int, dt_min: float = 1e-3, dt_max: float = 0.1, a_scal
     about 1e-4, and the answers start using the image within the hour this CPU has.
 
     ``embedding_std = 1`` (unit-RMS token embeddings, as PyTorch's ``nn.Embedding`` default) ends the long
-    plateau of small Mambas on recall tasks: on ``benchmarks/recall_plateau.py`` (is the query among the ten
+    plateau of small Mambas on recall tasks: on ``research/recall_plateau.py`` (is the query among the ten
     tokens before it?) a 2-layer width-64 Mamba is still at the base rate after 3000 steps with 0.02, and at
     81% after 800 steps and past 90% after 1600 with 1."""
     gen = torch.Generator().manual_seed(seed)
@@ -228,7 +228,7 @@ def grow_mamba(small, n_layer: int, seed: int = 0, positions: list[int] | None =
     trained layers' work at several depths instead of all at the bottom.
 
     A shallow Mamba leaves the plateau of recall tasks that a 16-layer one does not leave in the same number of
-    steps (``benchmarks/recall_plateau.py --grow-to 16``), so training shallow and growing is a way to a deep
+    steps (``research/recall_plateau.py --grow-to 16``), so training shallow and growing is a way to a deep
     model on a small budget."""
     k = small.config.n_layer
     if n_layer < k:
@@ -326,7 +326,7 @@ def reorder_patches(visual: torch.Tensor, grid: int, order: str = "scan") -> tor
     ``rows-rotated`` the lower half of the rows first, then the upper half. A token's content is unchanged, so a
     read-out that finds a named object's row from the content gives the same row in every order, and one that
     finds it from how long ago the scan passed the object (recency) gives the mirrored one under rows-reversed
-    (``benchmarks/testbed_name_recall.py --order``); ``row_flip`` trains on rows-reversed images."""
+    (``research/testbed_name_recall.py --order``); ``row_flip`` trains on rows-reversed images."""
     if order not in PATCH_ORDERS:
         raise ValueError(f"order must be one of {PATCH_ORDERS}, got {order!r}")
     if visual.shape[1] != grid * grid:
@@ -694,7 +694,7 @@ def standardize_tower(tower, features: torch.Tensor) -> torch.Tensor:
 
     Why: at each position the background looks the same in every image, so most of every visual token is
     image-independent; the scan sums it over all the visual positions and the image's content is a
-    fraction of a percent of the stream where the answers are read (``benchmarks/testbed_image_signal.py``).
+    fraction of a percent of the stream where the answers are read (``research/testbed_image_signal.py``).
     Subtracting it leaves only what differs between images. Measured on a linear-probe control (pooled
     features, a 2-layer MLP, 1500 steps on exist questions): the training loss stalls at 0.63 without it and
     falls to 0.04 with it."""
