@@ -39,7 +39,7 @@ at 4000), with the nearest position to the recalled scalars right for only 35-40
 of rows and 30-36% of columns (chance 10%). A class code asks for positions a linear head can tell apart; a
 comparison needs them in order, as a difference, and the ordinal code asks for exactly that.
 ``--where`` trains recall elsewhere instead (``<Q> colour shape WHERE`` -> row and column, a linear head on
-the last state), the toy's form of ``train-testbed --where-per-image``.
+the last state), the toy's form of ``train-testbed --where-per-image`` (an option of the code at commit 9bd38ae).
 
     python research/spatial_toy.py [--steps 3000] [--question-first] [--layers 2] [--d-state 16] [--objects 5]
         [--given-positions] [--name-recall W [--recall-layer K] [--recall-code class|ordinal]] [--where FRACTION]
