@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from mambaprune import MambaLM
+from mambaprune.models.checkpoints import from_transformers_model
 
 torch.set_num_threads(2)
 
@@ -50,7 +50,7 @@ def hf_pair(seed=0, **hf_kwargs):
     cfg.update(hf_kwargs)
     hf = MambaForCausalLM(MambaConfig(**cfg)).eval()
     randomize_(hf, seed)
-    return hf, MambaLM.from_transformers(hf)
+    return hf, from_transformers_model(hf)
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""Loading and saving Mamba LM checkpoints (models.checkpoints, MambaLM.from_pretrained / save_pretrained).
+"""Loading and saving Mamba LM checkpoints (models.checkpoints, load_mamba_lm / save_mamba_lm).
 
 Every folder is written here in the exact released layout, with tiny dimensions:
 
@@ -25,6 +25,7 @@ transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from mambaprune.models import CheckpointError, MambaConfig, MambaLM  # noqa: E402
+from mambaprune.models.checkpoints import load_mamba_lm, save_mamba_lm  # noqa: E402
 
 ATOL = 1e-4
 
@@ -171,7 +172,7 @@ def test_transformers_safetensors_folder_matches_transformers(tmp_path, name):
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert "lm_head.weight" not in load_file(str(tmp_path / "m" / "model.safetensors"))
 
-    ours = MambaLM.from_pretrained(tmp_path / "m")
+    ours = load_mamba_lm(tmp_path / "m")
     c = ours.config
     assert (c.d_model, c.n_layer, c.vocab_size, c.padded_vocab_size, c.d_state, c.d_conv, c.expand, c.dt_rank) == (
         hf.config.hidden_size, hf.config.num_hidden_layers, hf.config.vocab_size, hf.config.vocab_size,
@@ -196,7 +197,7 @@ def test_transformers_sharded_safetensors_folder(tmp_path):
     with open(folder / "model.safetensors.index.json") as f:
         assert sorted(set(json.load(f)["weight_map"].values())) == shards
 
-    ours = MambaLM.from_pretrained(folder)
+    ours = load_mamba_lm(folder)
     assert_params_equal_hf(ours, hf.state_dict())
     ids = ids_for(64, seed=5)
     torch.testing.assert_close(our_last_logits(ours, ids), hf_last_logits(hf, ids), atol=ATOL, rtol=0)
@@ -207,7 +208,7 @@ def test_sharded_folder_with_a_missing_shard_is_refused(tmp_path):
     victim = sorted(p for p in folder.iterdir() if p.name.startswith("model-"))[1]
     victim.unlink()
     with pytest.raises(CheckpointError, match=victim.name):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 def test_sharded_folder_with_a_corrupt_index_is_refused(tmp_path):
@@ -215,7 +216,7 @@ def test_sharded_folder_with_a_corrupt_index_is_refused(tmp_path):
     index = folder / "model.safetensors.index.json"
     index.write_text(index.read_text()[:25])  # truncated JSON
     with pytest.raises(CheckpointError, match="model.safetensors.index.json"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 @pytest.mark.parametrize("with_lm_head", [False, True], ids=["lm_head-dropped", "lm_head-kept"])
@@ -232,7 +233,7 @@ def test_transformers_pytorch_model_bin_folder(tmp_path, with_lm_head):
         del state["lm_head.weight"]
     torch.save(state, folder / "pytorch_model.bin")
 
-    ours = MambaLM.from_pretrained(folder)
+    ours = load_mamba_lm(folder)
     assert ours.lm_head.weight is ours.backbone.embedding.weight
     assert_params_equal_hf(ours, hf.state_dict())
     ids = ids_for(cfg["vocab_size"], seed=7)
@@ -243,7 +244,7 @@ def test_safetensors_is_preferred_over_a_stale_bin(tmp_path):
     folder, hf = hf_folder(tmp_path)
     stale = {k: torch.zeros_like(v) for k, v in hf.state_dict().items()}
     torch.save(stale, folder / "pytorch_model.bin")
-    ours = MambaLM.from_pretrained(folder)
+    ours = load_mamba_lm(folder)
     assert_params_equal_hf(ours, hf.state_dict())
 
 
@@ -251,7 +252,7 @@ def test_safetensors_is_preferred_over_a_stale_bin(tmp_path):
 def test_mamba_ssm_folder_loads_every_tensor_into_its_parameter(tmp_path):
     torch.manual_seed(0)
     tensors = write_mamba_ssm_folder(tmp_path / "ssm")
-    model = MambaLM.from_pretrained(tmp_path / "ssm")
+    model = load_mamba_lm(tmp_path / "ssm")
 
     c = model.config
     assert c.vocab_size == 50 and c.pad_vocab_size_multiple == 8 and c.padded_vocab_size == 56
@@ -275,7 +276,7 @@ def test_mamba_ssm_folder_loads_every_tensor_into_its_parameter(tmp_path):
 
 def test_mamba_ssm_folder_logits_match_transformers(tmp_path):
     tensors = write_mamba_ssm_folder(tmp_path / "ssm", seed=4)
-    ours = MambaLM.from_pretrained(tmp_path / "ssm")
+    ours = load_mamba_lm(tmp_path / "ssm")
 
     hf = transformers.MambaForCausalLM(transformers.MambaConfig(
         hidden_size=64, num_hidden_layers=2, vocab_size=56, state_size=16, conv_kernel=4, expand=2,
@@ -292,7 +293,7 @@ def test_mamba_ssm_folder_with_ssm_cfg_overrides(tmp_path):
     config = dict(MAMBA_SSM_CONFIG, d_model=32, n_layer=3, vocab_size=41,
                   ssm_cfg={"d_state": 8, "d_conv": 3, "expand": 2})
     tensors = write_mamba_ssm_folder(tmp_path / "ssm", seed=8, config=config)
-    model = MambaLM.from_pretrained(tmp_path / "ssm")
+    model = load_mamba_lm(tmp_path / "ssm")
     c = model.config
     assert (c.d_model, c.n_layer, c.vocab_size, c.padded_vocab_size, c.d_state, c.d_conv, c.dt_rank) == (
         32, 3, 41, 48, 8, 3, 2)
@@ -314,10 +315,10 @@ def test_tied_config_with_a_different_lm_head_is_refused(tmp_path):
     tensors["lm_head.weight"] = tensors["backbone.embedding.weight"] + 1.0
     torch.save(tensors, folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="lm_head.weight"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
-# ---------------------------------------------------------------------------- 3. save_pretrained round trip
+# ---------------------------------------------------------------------------- 3. save_mamba_lm round trip
 def assert_models_identical(a: MambaLM, b: MambaLM):
     sa, sb = a.state_dict(), b.state_dict()
     assert set(sa) == set(sb)
@@ -328,8 +329,8 @@ def assert_models_identical(a: MambaLM, b: MambaLM):
 
 def test_save_then_load_round_trips_exactly(tmp_path):
     write_mamba_ssm_folder(tmp_path / "ssm", seed=5)
-    model = MambaLM.from_pretrained(tmp_path / "ssm")
-    model.save_pretrained(tmp_path / "saved")
+    model = load_mamba_lm(tmp_path / "ssm")
+    save_mamba_lm(model, tmp_path / "saved")
 
     assert sorted(os.listdir(tmp_path / "saved")) == ["config.json", "model.safetensors"]
     on_disk = load_file(str(tmp_path / "saved" / "model.safetensors"))
@@ -339,7 +340,7 @@ def test_save_then_load_round_trips_exactly(tmp_path):
         raw = json.load(f)
     assert raw["model_type"] == "mamba" and raw["vocab_size"] == 56 and raw["hidden_size"] == 64
 
-    again = MambaLM.from_pretrained(tmp_path / "saved")
+    again = load_mamba_lm(tmp_path / "saved")
     assert again.config == model.config
     assert again.config.vocab_size == 50 and again.config.pad_vocab_size_multiple == 8
     assert again.lm_head.weight is again.backbone.embedding.weight
@@ -348,10 +349,10 @@ def test_save_then_load_round_trips_exactly(tmp_path):
     assert torch.equal(our_last_logits(again, ids), our_last_logits(model, ids))
 
 
-def test_save_pretrained_is_readable_by_transformers(tmp_path):
+def test_save_mamba_lm_is_readable_by_transformers(tmp_path):
     write_mamba_ssm_folder(tmp_path / "ssm", seed=6)
-    model = MambaLM.from_pretrained(tmp_path / "ssm")
-    model.save_pretrained(tmp_path / "saved")
+    model = load_mamba_lm(tmp_path / "ssm")
+    save_mamba_lm(model, tmp_path / "saved")
 
     hf, info = transformers.MambaForCausalLM.from_pretrained(tmp_path / "saved", output_loading_info=True)
     hf.eval()
@@ -374,9 +375,9 @@ def test_untied_model_round_trips_and_is_readable_by_transformers(tmp_path):
     model.load_state_dict(tensors, strict=True)
     assert model.lm_head.weight is not model.backbone.embedding.weight
 
-    model.save_pretrained(tmp_path / "saved")
+    save_mamba_lm(model, tmp_path / "saved")
     assert "lm_head.weight" in load_file(str(tmp_path / "saved" / "model.safetensors"))
-    again = MambaLM.from_pretrained(tmp_path / "saved")
+    again = load_mamba_lm(tmp_path / "saved")
     assert again.config == config
     assert again.lm_head.weight is not again.backbone.embedding.weight
     assert_models_identical(model, again)
@@ -388,13 +389,13 @@ def test_untied_model_round_trips_and_is_readable_by_transformers(tmp_path):
     torch.testing.assert_close(our_last_logits(model, ids), hf_last_logits(hf, ids), atol=ATOL, rtol=0)
 
 
-def test_save_pretrained_overwrites_an_existing_folder(tmp_path):
+def test_save_mamba_lm_overwrites_an_existing_folder(tmp_path):
     write_mamba_ssm_folder(tmp_path / "ssm", seed=5)
-    first = MambaLM.from_pretrained(tmp_path / "ssm")
-    first.save_pretrained(tmp_path / "saved")
+    first = load_mamba_lm(tmp_path / "ssm")
+    save_mamba_lm(first, tmp_path / "saved")
     second = MambaLM(MambaConfig(d_model=32, n_layer=1, vocab_size=20, pad_vocab_size_multiple=1))
-    second.save_pretrained(tmp_path / "saved")
-    again = MambaLM.from_pretrained(tmp_path / "saved")
+    save_mamba_lm(second, tmp_path / "saved")
+    again = load_mamba_lm(tmp_path / "saved")
     assert again.config == second.config
     assert_models_identical(second, again)
     assert not any(p.name.endswith(".tmp") for p in (tmp_path / "saved").iterdir())
@@ -409,7 +410,7 @@ def test_missing_key_is_named(tmp_path):
     folder, _ = hf_folder(tmp_path)
     rewrite_safetensors(folder, lambda s: s.pop("backbone.layers.1.mixer.dt_proj.bias"))
     with pytest.raises(CheckpointError, match=r"missing.*backbone\.layers\.1\.mixer\.dt_proj\.bias"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 def test_missing_key_in_mamba_ssm_bin_is_named(tmp_path):
@@ -418,7 +419,7 @@ def test_missing_key_in_mamba_ssm_bin_is_named(tmp_path):
     del tensors["backbone.norm_f.weight"]
     torch.save(tensors, folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"missing.*backbone\.norm_f\.weight"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 def test_unexpected_key_is_named(tmp_path):
@@ -426,7 +427,7 @@ def test_unexpected_key_is_named(tmp_path):
     rewrite_safetensors(folder, lambda s: s.__setitem__("backbone.layers.0.mixer.extra_gate.weight",
                                                         torch.zeros(3, 3)))
     with pytest.raises(CheckpointError, match=r"unexpected.*backbone\.layers\.0\.mixer\.extra_gate\.weight"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 def test_extra_layer_is_unexpected(tmp_path):
@@ -439,7 +440,7 @@ def test_extra_layer_is_unexpected(tmp_path):
 
     rewrite_safetensors(folder, add_layer)
     with pytest.raises(CheckpointError, match=r"unexpected.*backbone\.layers\.2\."):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 def test_misshaped_tensor_is_named(tmp_path):
@@ -448,7 +449,7 @@ def test_misshaped_tensor_is_named(tmp_path):
     rewrite_safetensors(folder, lambda s: s.__setitem__("backbone.layers.0.mixer.x_proj.weight",
                                                         torch.zeros(21, 64)))
     with pytest.raises(CheckpointError, match=r"backbone\.layers\.0\.mixer\.x_proj\.weight.*\(21, 64\)"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 def test_misshaped_padded_embedding_is_named(tmp_path):
@@ -459,7 +460,7 @@ def test_misshaped_padded_embedding_is_named(tmp_path):
     tensors["lm_head.weight"] = tensors["backbone.embedding.weight"]
     torch.save(tensors, folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match=r"backbone\.embedding\.weight.*\(50, 64\)"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 def test_all_problems_are_reported_together(tmp_path):
@@ -472,7 +473,7 @@ def test_all_problems_are_reported_together(tmp_path):
 
     rewrite_safetensors(folder, edit)
     with pytest.raises(CheckpointError) as e:
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
     msg = str(e.value)
     assert "backbone.norm_f.weight" in msg and "bogus.weight" in msg and "backbone.layers.1.mixer.D" in msg
 
@@ -483,7 +484,7 @@ def test_truncated_safetensors_is_refused(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match="model.safetensors"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 def test_truncated_pytorch_model_bin_is_refused(tmp_path):
@@ -493,7 +494,7 @@ def test_truncated_pytorch_model_bin_is_refused(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) * 2 // 3])
     with pytest.raises(CheckpointError, match="pytorch_model.bin"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 @pytest.mark.parametrize("filename", ["model.safetensors", "pytorch_model.bin"])
@@ -503,32 +504,32 @@ def test_garbage_weights_file_is_refused(tmp_path, filename):
     g = torch.Generator().manual_seed(0)
     (folder / filename).write_bytes(bytes(torch.randint(0, 256, (4096,), generator=g, dtype=torch.uint8).tolist()))
     with pytest.raises(CheckpointError, match=filename.replace(".", r"\.")):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 def test_missing_folder_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match="not found"):
-        MambaLM.from_pretrained(tmp_path / "does-not-exist")
+        load_mamba_lm(tmp_path / "does-not-exist")
 
 
 def test_a_file_instead_of_a_folder_is_refused(tmp_path):
     folder, _ = hf_folder(tmp_path)
     with pytest.raises(CheckpointError):
-        MambaLM.from_pretrained(folder / "model.safetensors")
+        load_mamba_lm(folder / "model.safetensors")
 
 
 def test_folder_without_config_is_refused(tmp_path):
     folder, _ = hf_folder(tmp_path)
     (folder / "config.json").unlink()
     with pytest.raises(CheckpointError, match="config.json"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 def test_folder_without_weights_is_refused(tmp_path):
     folder, _ = hf_folder(tmp_path)
     (folder / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no weights"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 @pytest.mark.parametrize("content", [b"{not json", bytes(range(256))], ids=["bad-json", "binary"])
@@ -536,14 +537,14 @@ def test_unreadable_config_is_refused(tmp_path, content):
     folder, _ = hf_folder(tmp_path)
     (folder / "config.json").write_bytes(content)
     with pytest.raises(CheckpointError, match="config.json"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 def test_config_of_unknown_layout_is_refused(tmp_path):
     folder, _ = hf_folder(tmp_path)
     (folder / "config.json").write_text(json.dumps({"n_embd": 32, "n_layer": 2}))
     with pytest.raises(CheckpointError, match="hidden_size"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 @pytest.mark.parametrize("cfg_update, needle", [
@@ -557,7 +558,7 @@ def test_unsupported_mamba_ssm_configs_are_refused(tmp_path, cfg_update, needle)
     with open(folder / "config.json", "w") as f:
         json.dump(dict(MAMBA_SSM_CONFIG, **cfg_update), f)
     with pytest.raises(CheckpointError, match=needle):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 CALLED = []
@@ -592,7 +593,7 @@ def test_bin_with_pickled_objects_is_refused_without_running_them(tmp_path, payl
     torch.save(tensors, folder / "pytorch_model.bin")
     CALLED.clear()
     with pytest.raises(CheckpointError, match="pytorch_model.bin"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
     assert not CALLED and not marker.exists()
 
 
@@ -611,7 +612,7 @@ def test_bin_with_non_tensor_entries_is_refused(tmp_path, bad):
         obj = list(tensors.values())
     torch.save(obj, folder / "pytorch_model.bin")
     with pytest.raises(CheckpointError, match="pytorch_model.bin"):
-        MambaLM.from_pretrained(folder)
+        load_mamba_lm(folder)
 
 
 # ---------------------------------------------------------------------------- 5. dtype
@@ -624,8 +625,8 @@ def test_bfloat16_load_runs(tmp_path, layout):
         folder = tmp_path / "ssm"
         write_mamba_ssm_folder(folder)
         vocab = 50
-    ref = MambaLM.from_pretrained(folder)
-    model = MambaLM.from_pretrained(folder, dtype=torch.bfloat16)
+    ref = load_mamba_lm(folder)
+    model = load_mamba_lm(folder, dtype=torch.bfloat16)
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert model.lm_head.weight is model.backbone.embedding.weight
     for (k, p), (k2, q) in zip(model.state_dict().items(), ref.state_dict().items()):
@@ -649,13 +650,13 @@ def test_bfloat16_load_runs(tmp_path, layout):
 def test_a_tensor_given_twice_is_refused(tmp_path):
     """Both embedding spellings in one file, or one key in two shards, is an error, not a silent overwrite."""
     model = MambaLM(MambaConfig(d_model=16, n_layer=1, vocab_size=24))
-    model.save_pretrained(tmp_path / "m")
+    save_mamba_lm(model, tmp_path / "m")
     state = {k: v.contiguous() for k, v in model.state_dict().items() if k != "lm_head.weight"}
     twice = dict(state)
     twice["backbone.embeddings.weight"] = state["backbone.embedding.weight"].clone()
     save_file(twice, str(tmp_path / "m" / "model.safetensors"))
     with pytest.raises(CheckpointError, match="twice"):
-        MambaLM.from_pretrained(tmp_path / "m")
+        load_mamba_lm(tmp_path / "m")
 
     (tmp_path / "m" / "model.safetensors").unlink()
     keys = sorted(state)
@@ -664,4 +665,4 @@ def test_a_tensor_given_twice_is_refused(tmp_path):
     weight_map = {k: ("a.safetensors" if i < 3 else "b.safetensors") for i, k in enumerate(keys)}
     (tmp_path / "m" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(CheckpointError, match="repeats keys"):
-        MambaLM.from_pretrained(tmp_path / "m")
+        load_mamba_lm(tmp_path / "m")

@@ -1,4 +1,5 @@
-"""The testbed diagnostics of benchmarks/: the position probe and the recall-by-name table."""
+"""The testbed diagnostics of research/ (the position probe and the recall-by-name table) and benchmarks/'s
+kept-code-patches table."""
 from __future__ import annotations
 
 import importlib.util
@@ -13,18 +14,20 @@ import torch
 from mambaprune.data.synthvqa import GLYPH_H, GLYPH_W, SynthConfig, answer_question, generate_synthvqa, load_scenes
 from mambaprune.pruning.base import Pruner, keep_visual
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "benchmarks"
+RESEARCH = ROOT / "research"
 
 
-def _module(name: str):
-    sys.path.insert(0, str(BENCH))
+def _module(name: str, folder: Path = RESEARCH):
+    sys.path.insert(0, str(folder))
     try:
-        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
         mod = importlib.util.module_from_spec(spec)
         spec.loader.exec_module(mod)
         return mod
     finally:
-        sys.path.remove(str(BENCH))
+        sys.path.remove(str(folder))
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +90,7 @@ def test_kept_code_patches_counts_what_the_method_leaves(synth):
     from mambaprune.data.readers import load_dataset
     from mambaprune.models import load_model
 
-    mod = _module("kept_code_patches")
+    mod = _module("kept_code_patches", BENCH)
     assert mod.parse_method("dtp:keep_ratio=0.5,early_layer=3,late_layer=0.7") == (
         "dtp", {"keep_ratio": 0.5, "early_layer": 3, "late_layer": 0.7})
     assert mod.parse_method("vtw:layer=6") == ("vtw", {"layer": 6}) and mod.parse_method("none") == ("none", {})

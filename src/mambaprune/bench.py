@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from .flops import lm_macs
+from .models.checkpoints import from_transformers_model
 from .models.mamba_lm import MambaConfig, MambaLM
 from .ssm import selective_scan
 
@@ -75,7 +76,7 @@ def _models(s: BenchSettings):
     logging.set_verbosity_error()
     hf = MambaForCausalLM(HFConfig(hidden_size=s.d_model, num_hidden_layers=s.n_layer,
                                    vocab_size=s.vocab_size)).eval()
-    return MambaLM.from_transformers(hf), hf
+    return from_transformers_model(hf), hf
 
 
 def run_engine_benchmark(s: BenchSettings, progress=None) -> BenchResult:

@@ -2,9 +2,8 @@
 
 What one training step sees: ``batch_size`` training images, each with its five questions (one per family) plus
 ``extra_per_family`` more per family drawn from the image's scene description in the same templates
-(:func:`~mambaprune.data.synthvqa.extra_questions`; read has one question per image) and ``where_per_image``
-training-only "Where is the red circle?" questions (:func:`~mambaprune.data.synthvqa.where_questions`) and
-``recall_per_image`` training-only single-object attr questions (:func:`~mambaprune.data.synthvqa.recall_questions`),
+(:func:`~mambaprune.data.synthvqa.extra_questions`; read has one question per image) and ``recall_per_image``
+training-only single-object attr questions (:func:`~mambaprune.data.synthvqa.recall_questions`),
 as a multi-turn Zephyr conversation in a random order, ``[100 visual tokens][turn][turn]...``, where a turn is
 ``testbed_prompt(question) + answer + <|endoftext|>``. The loss is the cross-entropy of the answer tokens and
 their closing ``<|endoftext|>`` (prompts are not scored), as in LLaVA-style instruction tuning; one image's
@@ -16,8 +15,9 @@ at the visual positions it predicts what the scan has seen so far (:func:`memory
 ``memory_weight``), and at the position where each answer starts, the whole scene (weight
 ``turn_memory_weight``), so the state must carry the image across the question and the earlier turns to where
 the answers are read (:func:`answer_start_positions`). A penalty keeps the visual embeddings' RMS near 1
-(:func:`visual_rms_penalty`, per token or over the batch, weight ``visual_rms_weight``); another, optional, pushes
-their image-independent part to zero (:func:`visual_shared_penalty`, weight ``visual_shared_weight``).
+(:func:`visual_rms_penalty`, per token, weight ``visual_rms_weight``). The LM starts from :func:`init_mamba_` with
+A divided by ``A_INIT_SCALE`` and Δ in ``[DT_MIN, DT_MAX]`` (optionally a difference-filter conv,
+``difference_conv``; token embeddings of std ``embedding_std``).
 Evaluation is single-turn, exactly as the harness asks. ``--device`` trains on another torch device.
 
 Two-stage training (``tower_steps > 0`` and ``freeze_tower``, the recipe of the shipped testbed): stage 1
@@ -44,20 +44,23 @@ first (:func:`reorder_patches`; the scan-memory read-outs skip those images, who
 order), so that a named object's row can no longer be recalled from how long ago the scan passed it, only
 from what its tokens hold. ``tower_from`` skips stage 1 and takes the tower of a trained testbed or checkpoint
 (:func:`load_tower`), so stage-2 recipes can be compared on one tower. A
-shallow Mamba leaves the plateau of recall tasks far sooner than a 16-layer one (``benchmarks/recall_plateau.py``).
-An optional token curriculum (``token_curriculum``, :func:`curriculum_positions`) trains first on the content
-patches of each image only and grows the visual sequence to the full grid. AdamW, linear warm-up then cosine
-decay, gradient clipping, fp32. Every ``eval_every`` steps the model answers ``eval_per_family`` validation
-questions per family (greedy, the real metrics) and a line goes to ``train_log.jsonl``; a resumable checkpoint
-(``last.pt``, with the optimizer) is written at the same time, and a run started again with the same ``--out``
-continues from it. ``stop_at`` ends a run at that step with the checkpoint written (and does nothing if the
-run is already there), so that a run can be made of pieces with different settings, each resuming the last
-(``scripts/make_testbed.sh``, the shipped testbed's recipe).
+shallow Mamba leaves the plateau of recall tasks far sooner than a 16-layer one (``research/recall_plateau.py``).
+AdamW, linear warm-up then cosine decay, gradient clipping, fp32. Every ``eval_every`` steps the model answers
+``eval_per_family`` validation questions per family (greedy, the real metrics) and a line goes to
+``train_log.jsonl``; a resumable checkpoint (``last.pt``, with the optimizer) is written at the same time, and a
+run started again with the same ``--out`` continues from it. ``stop_at`` ends a run at that step with the
+checkpoint written (and does nothing if the run is already there), so that a run can be made of pieces with
+different settings, each resuming the last (``scripts/make_testbed.sh``, the shipped testbed's recipe).
 At the end the testbed folder (:func:`~mambaprune.models.testbed.save_testbed`) is written to ``--out``
 with the test-split accuracy of every family and the training-curve plot ``curves.png``.
 
 Command line: ``mambaprune train-testbed --data SYNTH_DIR --out DIR [--steps N] [--batch-size B] ...``
 (``python -m mambaprune.train_testbed`` takes the same options).
+
+Options that served only the investigations of ``docs/testbed_runs.md`` and the README's "What limits it" (the
+SSM init's A scale, Δ range and ``out_proj`` scale, the "Where is ...?" questions, the token curriculum, the
+visual embeddings' shared-part penalty and batch-wide RMS, a time budget in minutes) are gone; commit 9bd38ae
+has them, to replay those runs.
 """
 from __future__ import annotations
 
@@ -77,13 +80,16 @@ import torch.nn.functional as F
 from .data.readers import VSR_PROMPT, load_dataset
 from .data.synthvqa import (CATEGORIES as CATEGORY_NAMES, CODE_ALPHABET, COLORS, FAMILIES, GLYPH_H, GLYPH_W, GRID,
                              SHAPES, SIZES, extra_questions, question_referents, referent_name_spans,
-                             recall_questions, where_questions)
+                             recall_questions)
 from .eval.evaluate import answer_samples, score_samples
 from .models.checkpoints import read_state_file
 from .models.mamba_lm import MambaConfig, MambaLM
 from .models.testbed import (TestbedConfig, build_testbed, build_tokenizer, save_testbed, testbed_prompt)
 
 IGNORE = -100
+#: the SSM initialisation the testbed's LM trains from (:func:`init_mamba_`): A divided by 64, Δ drawn
+#: log-uniformly in [0.01, 0.5] (Mamba's own: 1 and [0.001, 0.1])
+A_INIT_SCALE, DT_MIN, DT_MAX = 64.0, 0.01, 0.5
 
 
 @dataclass
@@ -107,15 +113,9 @@ class TrainSettings:
     referent_code: str = "class"
     memory_layer: int = 11
     referent_layer: int | None = None
-    a_init_scale: float = 64.0
     difference_conv: bool = True
     visual_rms_weight: float = 0.1
-    visual_rms_global: bool = False
-    visual_shared_weight: float = 0.0
-    dt_min: float = 0.01
-    dt_max: float = 0.5
     extra_per_family: int = 2
-    where_per_image: int = 0
     recall_per_image: int = 0
     visual_aux_weight: float = 0.0
     row_flip: float = 0.0
@@ -125,11 +125,9 @@ class TrainSettings:
     test_per_family: int | None = None
     threads: int | None = None
     device: str = "cpu"
-    max_minutes: float | None = None
     #: stop after this step with the checkpoint written (no test split, no testbed): a run made of pieces
     #: with different settings (``scripts/make_testbed.sh``) resumes each piece from there
     stop_at: int | None = None
-    out_proj_init: float = 1.0
     embedding_std: float = 0.02
     tower_steps: int = 0
     tower_batch_size: int = 32
@@ -137,8 +135,6 @@ class TrainSettings:
     balance_chars: bool = False
     freeze_tower: bool = False
     standardize: bool = False
-    token_curriculum: float = 0.0
-    curriculum_tokens: int = 16
     grow_from: int = 0
     grow_at: float = 0.5
     grow_spread: bool = False
@@ -157,13 +153,14 @@ def init_mamba_(lm, seed: int, dt_min: float = 1e-3, dt_max: float = 0.1, a_scal
     ``out_proj_scale`` (0: every layer starts as the identity, so the 16-layer stack starts as shallow as its
     embeddings and grows its layers as it learns).
 
-    The testbed trains with ``a_scale = 64`` and Δ in [0.01, 0.5]: slower decay and larger writes at
-    initialisation. With Mamba's defaults the gradient of the last position with respect to a visual token 200
-    positions back is about 1e-6 of its gradient to itself (measured on the testbed's 16 x 128 LM); with these,
-    about 1e-4, and the answers start using the image within the hour this CPU has.
+    The testbed trains with ``a_scale = 64`` and Δ in [0.01, 0.5] (``A_INIT_SCALE``, ``DT_MIN``, ``DT_MAX``):
+    slower decay and larger writes at initialisation. With Mamba's defaults the gradient of the last position
+    with respect to a visual token 200 positions back is about 1e-6 of its gradient to itself (measured on the
+    testbed's 16 x 128 LM, ``research/testbed_init.py``); with these, about 1e-4, and the answers start using the
+    image within the hour this CPU has.
 
     ``embedding_std = 1`` (unit-RMS token embeddings, as PyTorch's ``nn.Embedding`` default) ends the long
-    plateau of small Mambas on recall tasks: on ``benchmarks/recall_plateau.py`` (is the query among the ten
+    plateau of small Mambas on recall tasks: on ``research/recall_plateau.py`` (is the query among the ten
     tokens before it?) a 2-layer width-64 Mamba is still at the base rate after 3000 steps with 0.02, and at
     81% after 800 steps and past 90% after 1600 with 1."""
     gen = torch.Generator().manual_seed(seed)
@@ -228,7 +225,7 @@ def grow_mamba(small, n_layer: int, seed: int = 0, positions: list[int] | None =
     trained layers' work at several depths instead of all at the bottom.
 
     A shallow Mamba leaves the plateau of recall tasks that a 16-layer one does not leave in the same number of
-    steps (``benchmarks/recall_plateau.py --grow-to 16``), so training shallow and growing is a way to a deep
+    steps (``research/recall_plateau.py --grow-to 16``), so training shallow and growing is a way to a deep
     model on a small budget."""
     k = small.config.n_layer
     if n_layer < k:
@@ -326,7 +323,7 @@ def reorder_patches(visual: torch.Tensor, grid: int, order: str = "scan") -> tor
     ``rows-rotated`` the lower half of the rows first, then the upper half. A token's content is unchanged, so a
     read-out that finds a named object's row from the content gives the same row in every order, and one that
     finds it from how long ago the scan passed the object (recency) gives the mirrored one under rows-reversed
-    (``benchmarks/testbed_name_recall.py --order``); ``row_flip`` trains on rows-reversed images."""
+    (``research/testbed_name_recall.py --order``); ``row_flip`` trains on rows-reversed images."""
     if order not in PATCH_ORDERS:
         raise ValueError(f"order must be one of {PATCH_ORDERS}, got {order!r}")
     if visual.shape[1] != grid * grid:
@@ -599,22 +596,12 @@ class MemoryHead(nn.Module):
                 + F.cross_entropy(where.flatten(0, 2), t["where"].flatten()))
 
 
-def visual_shared_penalty(visual: torch.Tensor) -> torch.Tensor:
-    """``mean(m^2)`` with ``m`` the mean over the batch's images of the visual embeddings at each position: the
-    part of the visual tokens that does not depend on the image, which the scan integrates over every visual
-    position into a state shared by all images."""
-    return visual.float().mean(0).pow(2).mean()
-
-
-def visual_rms_penalty(visual: torch.Tensor, target: float = 1.0, per_token: bool = True) -> torch.Tensor:
-    """``mean((rms(v) - target)^2)`` over the visual embeddings ``v`` (RMS over channels, per token), or with
-    ``per_token=False`` the RMS over all the batch's visual embeddings (so background tokens may go to zero).
+def visual_rms_penalty(visual: torch.Tensor, target: float = 1.0) -> torch.Tensor:
+    """``mean((rms(v) - target)^2)`` over the visual embeddings ``v`` (RMS over channels, per token).
 
     Without it the projector's outputs grow to a norm ~200 times the text embeddings' (measured: 167 against
     0.84 after 400 steps), the residual stream at the visual positions then barely changes through the layers,
     and the answers stay independent of the image."""
-    if not per_token:
-        return (visual.float().pow(2).mean().sqrt() - target).pow(2)
     rms = visual.float().pow(2).mean(-1).sqrt()
     return (rms - target).pow(2).mean()
 
@@ -660,32 +647,6 @@ def tower_features(tower, images: list, batch_size: int = 64) -> torch.Tensor:
     return torch.cat(out)
 
 
-def curriculum_tokens_at(step: int, s: TrainSettings, n_tokens: int) -> int:
-    """How many visual tokens each training image keeps at ``step`` under the token curriculum: all of them when
-    ``token_curriculum`` is 0; otherwise ``curriculum_tokens`` for the first 30% of the curriculum's
-    ``token_curriculum * steps`` steps, then a linear ramp to all ``n_tokens`` at its end, and all after it."""
-    if s.token_curriculum <= 0:
-        return n_tokens
-    t = step / max(1.0, s.token_curriculum * s.steps)
-    ramp = min(1.0, max(0.0, (t - 0.3) / 0.7))
-    return min(n_tokens, round(s.curriculum_tokens + (n_tokens - s.curriculum_tokens) * ramp))
-
-
-def curriculum_positions(scene: dict, geometry: tuple, keep: int, n_tokens: int, rng: random.Random) -> list[int]:
-    """The ``keep`` visual positions (ascending, so the scan order is the raster order) one training image keeps
-    under the token curriculum: every patch holding an object's or a code character's centre
-    (:func:`scene_patches`), then random other patches up to ``keep``. With few tokens the answers depend on a
-    short, content-dense visual sequence; the curriculum then grows it to the full grid, where the background
-    patches must be skipped."""
-    objects, chars = scene_patches(scene, *geometry)
-    content_set = set(objects) | set(chars)
-    content = sorted(content_set)
-    if len(content) >= keep:
-        return sorted(rng.sample(content, keep))
-    rest = [i for i in range(n_tokens) if i not in content_set]
-    return sorted(content + rng.sample(rest, keep - len(content)))
-
-
 def standardize_tower(tower, features: torch.Tensor) -> torch.Tensor:
     """Set the tower's standardisation buffers from the features of the training images, ``(n, tokens, dim)``
     as :func:`tower_features` gives them (taken with the buffers at identity): ``feature_mean`` is their mean
@@ -694,7 +655,7 @@ def standardize_tower(tower, features: torch.Tensor) -> torch.Tensor:
 
     Why: at each position the background looks the same in every image, so most of every visual token is
     image-independent; the scan sums it over all the visual positions and the image's content is a
-    fraction of a percent of the stream where the answers are read (``benchmarks/testbed_image_signal.py``).
+    fraction of a percent of the stream where the answers are read (``research/testbed_image_signal.py``).
     Subtracting it leaves only what differs between images. Measured on a linear-probe control (pooled
     features, a 2-layer MLP, 1500 steps on exist questions): the training loss stalls at 0.63 without it and
     falls to 0.04 with it."""
@@ -843,8 +804,6 @@ def optimizer_state_by_name(named, opt) -> dict:
 
 def train(s: TrainSettings, log=print) -> dict:
     """Run (or resume) a training run; returns the final ``info`` dict saved with the model."""
-    if s.token_curriculum and s.memory_weight:
-        raise ValueError("memory_weight reads every visual position; it cannot be combined with token_curriculum")
     if s.standardize and not s.freeze_tower:
         raise ValueError("standardize sets the tower's feature statistics once; it needs freeze_tower")
     if s.grow_from and not 0 < s.grow_from < s.model.n_layer:
@@ -858,8 +817,6 @@ def train(s: TrainSettings, log=print) -> dict:
                          f"got {s.referent_code!r}")
     if not 0 <= s.row_flip <= 1:
         raise ValueError(f"row_flip is a probability, got {s.row_flip}")
-    if s.row_flip and s.token_curriculum:
-        raise ValueError("row_flip reverses the full grid of patch rows; it cannot be combined with token_curriculum")
     if s.threads:
         torch.set_num_threads(s.threads)
     out = Path(s.out)
@@ -879,7 +836,7 @@ def train(s: TrainSettings, log=print) -> dict:
         tokenizer = build_tokenizer(texts, vocab_size=s.model.vocab_size)
         tokenizer.save_pretrained(str(out / "tokenizer"))
     torch.manual_seed(s.seed)
-    init = dict(dt_min=s.dt_min, dt_max=s.dt_max, a_scale=s.a_init_scale, difference_conv=s.difference_conv,
+    init = dict(dt_min=DT_MIN, dt_max=DT_MAX, a_scale=A_INIT_SCALE, difference_conv=s.difference_conv,
                 embedding_std=s.embedding_std)
     grow_at_step = grow_step(s)
     # a grown run starts shallow; resumed, it has the depth its checkpoint's config records
@@ -887,7 +844,7 @@ def train(s: TrainSettings, log=print) -> dict:
     if resume is not None:
         depth = resume["config"]["n_layer"]
     model = build_testbed(replace(s.model, n_layer=depth), tokenizer)
-    init_mamba_(model.lm, s.seed, out_proj_scale=s.out_proj_init, **init)
+    init_mamba_(model.lm, s.seed, **init)
     aux = AuxHead(model.vision.dim, model.vision.image_size // model.vision.patch_size, s.balance_chars)
     memory = MemoryHead(model.lm.config.d_model)
     # the per-patch read-out once more, of the projected tokens the language model reads (--visual-aux-weight)
@@ -959,9 +916,6 @@ def train(s: TrainSettings, log=print) -> dict:
     running = []
     end = s.steps if s.stop_at is None else min(s.steps, s.stop_at)
     while step < end:
-        if s.max_minutes is not None and (time.perf_counter() - t0) / 60 > s.max_minutes:
-            log(f"time budget of {s.max_minutes} min reached at step {step}")
-            break
         model.train()
         per_epoch = len(train_convs) // s.batch_size
         epoch, pos = divmod(step, per_epoch)
@@ -973,8 +927,6 @@ def train(s: TrainSettings, log=print) -> dict:
             extra = extra_questions(scene_of(path), rng, s.extra_per_family)
             # the extra captions asked as the VSR reader asks the split's own
             both = list(base) + [(VSR_PROMPT.format(caption=q) if f == "spatial" else q, a) for f, q, a in extra]
-            if s.where_per_image:
-                both += where_questions(scene_of(path), rng, s.where_per_image)
             if s.recall_per_image:
                 both += recall_questions(scene_of(path), rng, s.recall_per_image)
             turns.append(rng.sample(both, len(both)))
@@ -995,13 +947,7 @@ def train(s: TrainSettings, log=print) -> dict:
             features = cached[batch_idx].to(dev, torch.float32)
         else:
             features = model.vision(model.vision.preprocess([p for p, _ in picked]).to(dev))
-        keep = curriculum_tokens_at(step, s, features.shape[1])
-        kept = features
-        if keep < features.shape[1]:
-            rows = [curriculum_positions(scene_of(p), geometry, keep, features.shape[1], rng)
-                    for p, _ in picked]
-            kept = features[torch.arange(len(rows)).unsqueeze(1), torch.tensor(rows, device=dev)]
-        visual = model.projector(kept)
+        visual = model.projector(features)
         scanned, flipped = visual, torch.zeros(len(picked), dtype=torch.bool, device=dev)
         if s.row_flip:
             # some images scanned bottom row first: a row can then no longer be told by how long ago the scan
@@ -1051,9 +997,7 @@ def train(s: TrainSettings, log=print) -> dict:
             if len(named_at) != len(rows):
                 raise RuntimeError(f"{len(rows)} answer starts for {len(named_at)} turns")
             mem_loss = mem_loss + s.referent_weight * memory.referent_loss(named_states[rows, pos], named_at)
-        rms_loss = s.visual_rms_weight * visual_rms_penalty(visual, per_token=not s.visual_rms_global)
-        if s.visual_shared_weight:
-            rms_loss = rms_loss + s.visual_shared_weight * visual_shared_penalty(visual)
+        rms_loss = s.visual_rms_weight * visual_rms_penalty(visual)
         opt.zero_grad(set_to_none=True)
         (loss + s.aux_weight * aux_loss + vis_loss + mem_loss + rms_loss).backward()
         grad_norm = torch.nn.utils.clip_grad_norm_([p for _, p in named], s.grad_clip)
@@ -1066,7 +1010,7 @@ def train(s: TrainSettings, log=print) -> dict:
                    "aux_loss": sum(r[1] for r in running) / len(running),
                    "memory_loss": sum(r[2] for r in running) / len(running), "lr": phase_lr(step - 1, s),
                    "n_layer": model.lm.config.n_layer,
-                   "grad_norm": float(grad_norm), "visual_tokens": keep,
+                   "grad_norm": float(grad_norm), "visual_tokens": nv,
                    "elapsed_s": round(time.perf_counter() - t0, 1)}
             if visual_aux is not None:
                 row["visual_aux_loss"] = sum(r[3] for r in running) / len(running)
@@ -1102,13 +1046,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, help="a SynthVQA folder written by `mambaprune synth`")
     p.add_argument("--out", required=True, help="where the testbed folder (and last.pt, to resume) goes")
     for name in ("steps", "batch_size", "warmup", "seed", "eval_every", "eval_per_family", "test_per_family",
-                 "threads", "extra_per_family", "where_per_image", "recall_per_image", "memory_layer", "tower_steps", "tower_batch_size",
-                 "curriculum_tokens", "grow_from", "stop_at"):
+                 "threads", "extra_per_family", "recall_per_image", "memory_layer", "tower_steps", "tower_batch_size",
+                 "grow_from", "stop_at"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d, name))
     for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "aux_weight", "memory_weight",
-                 "turn_memory_weight", "referent_weight", "a_init_scale", "visual_aux_weight", "row_flip",
-                 "visual_rms_weight", "visual_shared_weight", "dt_min", "dt_max", "max_minutes", "tower_lr",
-                 "out_proj_init", "token_curriculum", "embedding_std", "grow_at", "grow_lr_scale"):
+                 "turn_memory_weight", "referent_weight", "visual_aux_weight", "row_flip", "visual_rms_weight",
+                 "tower_lr", "embedding_std", "grow_at", "grow_lr_scale"):
         p.add_argument("--" + name.replace("_", "-"), type=float, default=getattr(d, name))
     for name in ("d_model", "n_layer", "d_state", "expand"):
         p.add_argument("--" + name.replace("_", "-"), type=int, default=getattr(d.model, name),
@@ -1128,8 +1071,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "each (class) or as one scalar each, -1 at the first and 1 at the last (ordinal, a "
                         "squared error: the code two recalled positions are compared by as a difference)")
     p.add_argument("--device", default=d.device, help="torch device to train on (default cpu)")
-    p.add_argument("--visual-rms-global", action=argparse.BooleanOptionalAction, default=d.visual_rms_global,
-                   help="the RMS penalty on all visual embeddings together instead of per token")
     p.add_argument("--standardize", action=argparse.BooleanOptionalAction, default=d.standardize,
                    help="with --freeze-tower: standardise the tower's features (per-position mean, per-channel "
                         "std of the training images) so that the shared background is zero")

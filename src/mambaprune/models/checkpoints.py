@@ -11,6 +11,10 @@ Two folder layouts are read:
   rms_norm, residual_in_fp32, fused_add_norm, pad_vocab_size_multiple`` and ``pytorch_model.bin`` with keys
   ``backbone.embedding.weight`` ... and the padded vocabulary.
 
+The API: :func:`load_mamba_lm` (a folder of either layout), :func:`from_transformers_model` (an in-memory
+transformers model) and :func:`save_mamba_lm` (transformers' layout). This module depends on
+:mod:`mambaprune.models.mamba_lm`, never the reverse.
+
 Pickled files are read with ``torch.load(weights_only=True)`` only. Every key is checked: a missing,
 unexpected or mis-shaped tensor raises :class:`CheckpointError` naming it.
 """
@@ -25,7 +29,7 @@ from typing import Collection
 import torch
 import torch.nn as nn
 
-from .mamba_lm import MambaConfig
+from .mamba_lm import MambaConfig, MambaLM
 
 
 class CheckpointError(ValueError):
@@ -214,29 +218,32 @@ def build_from_state(cls, config: MambaConfig, state: dict[str, torch.Tensor], s
     return model
 
 
-def from_transformers_model(cls, hf_model):
-    """``cls`` (MambaLM) holding the weights of an in-memory transformers ``MambaForCausalLM``, in eval mode."""
+def from_transformers_model(hf_model) -> MambaLM:
+    """A :class:`MambaLM` holding the weights of an in-memory transformers ``MambaForCausalLM``, in eval mode."""
     config = config_from_transformers(hf_model.config.to_dict())
-    return build_from_state(cls, config, hf_model.state_dict(), "transformers model").eval()
+    return build_from_state(MambaLM, config, hf_model.state_dict(), "transformers model").eval()
 
 
-def load_mamba_lm(cls, folder, dtype=None, device=None):
-    """Build ``cls`` (MambaLM) from a transformers or mamba_ssm folder (see module docstring)."""
+def load_mamba_lm(folder, dtype: torch.dtype | None = None, device=None) -> MambaLM:
+    """A :class:`MambaLM` from a transformers ``MambaForCausalLM`` folder or a mamba_ssm folder (see the module
+    docstring), in eval mode; ``dtype`` and ``device`` where to put it (default: as read, on the CPU)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
     raw = read_json(folder / "config.json")
     layout = detect_layout(raw)
     config = config_from_transformers(raw) if layout == "transformers" else config_from_mamba_ssm(raw)
-    model = build_from_state(cls, config, read_folder_weights(folder), str(folder))
+    model = build_from_state(MambaLM, config, read_folder_weights(folder), str(folder))
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
     return model.eval()
 
 
-def save_mamba_lm(model, folder) -> None:
-    """Write ``config.json`` (transformers keys, plus ``pad_vocab_size_multiple`` and the tokenizer vocab)
-    and ``model.safetensors`` (transformers key names; ``lm_head.weight`` left out when tied)."""
+def save_mamba_lm(model: MambaLM, folder) -> None:
+    """Write ``model`` to ``folder`` in transformers' ``MambaForCausalLM`` layout, which transformers' own
+    ``from_pretrained`` and :func:`load_mamba_lm` read: ``config.json`` (transformers keys, plus
+    ``pad_vocab_size_multiple`` and the tokenizer vocab) and ``model.safetensors`` (transformers key names;
+    ``lm_head.weight`` left out when tied)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)

@@ -468,20 +468,3 @@ class MambaLM(nn.Module):
             token = self._next_token(logits, do_sample, temperature, top_p, generator)
         return torch.stack(tokens, dim=1)
 
-    # ------------------------------------------------------------------ weights
-    @classmethod
-    def from_pretrained(cls, folder, dtype: torch.dtype | None = None, device=None) -> "MambaLM":
-        """Load a transformers ``MambaForCausalLM`` folder or a mamba_ssm folder (see models.checkpoints)."""
-        from .checkpoints import load_mamba_lm
-        return load_mamba_lm(cls, folder, dtype=dtype, device=device)
-
-    @classmethod
-    def from_transformers(cls, hf_model) -> "MambaLM":
-        """A MambaLM with the weights of an in-memory transformers ``MambaForCausalLM``."""
-        from .checkpoints import from_transformers_model
-        return from_transformers_model(cls, hf_model)
-
-    def save_pretrained(self, folder) -> None:
-        """Write ``config.json`` and ``model.safetensors`` in transformers' MambaForCausalLM layout."""
-        from .checkpoints import save_mamba_lm
-        save_mamba_lm(self, folder)

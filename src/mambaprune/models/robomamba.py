@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import (CheckpointError, build_from_state, mamba_config_from_state, overlay_state_, read_state_file,
-                          split_prefixed, to_internal_keys)
+from .checkpoints import (CheckpointError, build_from_state, load_mamba_lm, mamba_config_from_state, overlay_state_,
+                          read_state_file, save_mamba_lm, split_prefixed, to_internal_keys)
 from .mamba_lm import MambaLM
 from .projector import MLPProjector, projector_from_state
 from .registry import register_model
@@ -97,7 +97,7 @@ def save_robomamba(model: MambaVLM, checkpoint, *, include_vision: bool = True, 
     if clip_dir is not None:
         save_vit_model("clip", model.vision.model, clip_dir)
     if llm_dir is not None:
-        model.lm.save_pretrained(llm_dir)
+        save_mamba_lm(model.lm, llm_dir)
     if tokenizer_dir is not None:
         model.tokenizer.save_pretrained(str(tokenizer_dir))
 
@@ -139,7 +139,7 @@ def load_robomamba(checkpoint, *, clip_dir=None, llm_dir=None, tokenizer_dir=Non
 
     llm_state, source = to_internal_keys(parts[LLM_PREFIX]), f"{checkpoint} ({LLM_PREFIX}*)"
     if llm_dir is not None:
-        lm = MambaLM.from_pretrained(llm_dir)
+        lm = load_mamba_lm(llm_dir)
         if llm_state:
             overlay_state_(lm, llm_state, source)
     elif llm_state:

@@ -1,6 +1,6 @@
 """Does a testbed run recall where the objects its questions name are? The names read-out on validation questions.
 
-    python benchmarks/testbed_name_recall.py RUN_DIR --data SYNTH --layer K [--images 300] [--family spatial]
+    python research/testbed_name_recall.py RUN_DIR --data SYNTH --layer K [--images 300] [--family spatial]
         [--code class|ordinal] [--order scan|rows-reversed|columns-reversed]
 
 ``RUN_DIR`` is a ``train-testbed --out`` folder holding ``last.pt`` of a run trained with ``--referent-weight W

@@ -6,7 +6,7 @@ prints the norm of d|logits(last)|^2 / d input at positions 0, 50, 100, 200, 280
 position's own input). Mamba's default (A scale 1, Δ in [0.001, 0.1]) gives ~1e-6 at 200 positions back; the
 testbed's training default (64, [0.01, 0.5]) ~1e-4.
 
-    python benchmarks/testbed_init.py
+    python research/testbed_init.py
 """
 import torch
 

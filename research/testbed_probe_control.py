@@ -1,6 +1,6 @@
 """Why the testbed's answers stay at chance: a control with perfect visual features and no language model.
 
-    python benchmarks/testbed_probe_control.py --data SYNTH [--images 4000] [--steps 1500]
+    python research/testbed_probe_control.py --data SYNTH [--images 4000] [--steps 1500]
 
 Each training image of a SynthVQA folder gets *oracle* patch features written from its scene description
 (:func:`mambaprune.train_testbed.patch_targets`; one 128-d vector per 16 px patch of the 160 px grid: a one-hot of

@@ -1,6 +1,6 @@
 """The blind baseline of a SynthVQA folder: what the question text alone scores, with no image.
 
-    python benchmarks/question_prior.py --data SYNTH [--split val]
+    python research/question_prior.py --data SYNTH [--split val]
 
 For every question of the training split the most common answer given to that exact question text is counted;
 each question of ``--split`` is then answered with its text's most common training answer (the family's most

@@ -1,6 +1,6 @@
 """Does a testbed recall an object's attributes by its name? Accuracy per attr template against the scene's majority.
 
-    python benchmarks/testbed_recall.py [RUN] --data SYNTH [--images 400] [--split val]
+    python research/testbed_recall.py [RUN] --data SYNTH [--images 400] [--split val]
 
 ``RUN`` is ``testbed`` (the shipped model, the default), a testbed folder, or a ``train-testbed --out`` folder
 holding ``last.pt`` (the run's latest checkpoint). For each of the first ``--images`` scenes of the split, one

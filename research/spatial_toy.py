@@ -3,7 +3,7 @@
 The task is the skeleton of SynthVQA's ``spatial`` family: a 10 x 10 grid of "patch" embeddings in row-major
 order, each the sum of a learnt category embedding (background, or one of 30 colour x shape kinds; five
 distinct kinds per image) and learnt row and column embeddings (what the testbed's tower gives: it reads
-colour, shape and position at 97-99%, ``benchmarks/testbed_tower_probe.py``); then the caption
+colour, shape and position at 97-99%, ``research/testbed_tower_probe.py``); then the caption
 ``<Q> colour_a shape_a relation colour_b shape_b ? <A>``; the answer, predicted at the last position, is
 ``yes`` when object a is left of / right of / above / below object b (the two always differ on that axis, and
 half the captions are true, as in SynthVQA). ``--question-first`` puts the caption's tokens before the grid as
@@ -39,9 +39,9 @@ at 4000), with the nearest position to the recalled scalars right for only 35-40
 of rows and 30-36% of columns (chance 10%). A class code asks for positions a linear head can tell apart; a
 comparison needs them in order, as a difference, and the ordinal code asks for exactly that.
 ``--where`` trains recall elsewhere instead (``<Q> colour shape WHERE`` -> row and column, a linear head on
-the last state), the toy's form of ``train-testbed --where-per-image``.
+the last state), the toy's form of ``train-testbed --where-per-image`` (an option of the code at commit 9bd38ae).
 
-    python benchmarks/spatial_toy.py [--steps 3000] [--question-first] [--layers 2] [--d-state 16] [--objects 5]
+    python research/spatial_toy.py [--steps 3000] [--question-first] [--layers 2] [--d-state 16] [--objects 5]
         [--given-positions] [--name-recall W [--recall-layer K] [--recall-code class|ordinal]] [--where FRACTION]
         [--seed S]
 """

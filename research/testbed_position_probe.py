@@ -1,6 +1,6 @@
 """Where each object is: can a linear probe read it from the tower's features, and from the projected tokens?
 
-    python benchmarks/testbed_position_probe.py [RUN] --data SYNTH [--images 500] [--split val]
+    python research/testbed_position_probe.py [RUN] --data SYNTH [--images 500] [--split val]
 
 ``RUN`` is ``testbed`` (the default), a testbed folder or a ``train-testbed --out`` folder (its ``last.pt``).
 At the patch holding each object's centre (:func:`~mambaprune.train_testbed.scene_patches`) of the first

@@ -7,7 +7,7 @@ of the stream that the image moves. A model that uses the image needs a ratio we
 position. Also printed: the spread across the images of the answer's yes-no log-odds, and the RMS of the visual
 embeddings against that of the text embeddings.
 
-    python benchmarks/testbed_image_signal.py RUN_DIR --data SYNTH [--question "Is there a red circle in the image?"]
+    python research/testbed_image_signal.py RUN_DIR --data SYNTH [--question "Is there a red circle in the image?"]
 
 ``RUN_DIR`` is a ``train-testbed --out`` folder, read from its resumable ``last.pt`` (any step) and its
 ``tokenizer/``, or a finished testbed folder (``model.safetensors``). Measured on run checkpoints at step 200-300

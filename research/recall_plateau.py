@@ -21,7 +21,7 @@ deepened to 16 layers computes the same logits, and trained on it is at 0.97-0.9
 What this does not settle: in the VLM setting (``train-testbed ... --embedding-std 1``, run 20 of the README,
 16 layers) the validation curve was about that of run 18 (Mamba's 0.02), as the 16-layer figure above predicts.
 
-    python benchmarks/recall_plateau.py [--steps 3000] [--gru] [--gap 2] [--layers N] [--grow-to 16]
+    python research/recall_plateau.py [--steps 3000] [--gru] [--gap 2] [--layers N] [--grow-to 16]
 """
 import argparse
 import time

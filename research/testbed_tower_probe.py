@@ -1,6 +1,6 @@
 """What the testbed's stage-1 vision tower can tell apart: accuracy of its per-patch read-out on test images.
 
-    python benchmarks/testbed_tower_probe.py RUN_DIR --data SYNTH [--images 300]
+    python research/testbed_tower_probe.py RUN_DIR --data SYNTH [--images 300]
 
 ``RUN_DIR`` is a ``train-testbed --out`` folder holding ``last.pt`` (the shipped testbed folder does not keep
 the stage-1 read-out, :class:`~mambaprune.train_testbed.AuxHead`, so the probe needs a run's checkpoint). The
