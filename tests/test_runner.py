@@ -481,7 +481,7 @@ def test_torchrun_two_processes_match_one(runs, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO / "tests")]),
            "OMP_NUM_THREADS": str(torch.get_num_threads())}       # the same arithmetic as the reference run
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-           "-m", "mambaprune.eval.runner", "--config", str(path), "--no-progress"]
+           "-m", "mambaprune.eval.cli", "--config", str(path), "--no-progress"]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [read_records(out / f"samples.rank{r}.jsonl") for r in range(2)]

@@ -811,9 +811,9 @@ def test_shipped_testbed_loads_by_name_and_has_the_promised_shape():
     assert not model.training
 
 
-#: the families the shipped testbed answers from the image: all five (README, "How good it is")
+#: the families the shipped testbed answers from the image: all five (docs/testbed.md, "How good it is")
 READS_THE_IMAGE = ("attr", "exist", "read", "count", "spatial")
-#: the issue's accuracy targets, and those the shipped testbed meets (README, "How good it is"; attr, exist and
+#: the issue's accuracy targets, and those the shipped testbed meets (docs/testbed.md, "How good it is"; attr, exist and
 #: spatial fall short)
 TARGET = {"attr": 0.85, "exist": 0.9, "read": 0.5, "count": 0.6, "spatial": 0.9}
 MEETS_TARGET = {family: TARGET[family] for family in ("read", "count")}
@@ -867,7 +867,7 @@ def test_shipped_testbed_is_well_above_chance_on_every_family(shipped_scores_24)
 
 @shipped
 @pytest.mark.xfail(strict=True, raises=AssertionError,
-                   reason="attr, exist and spatial are short of the issue's targets (README, 'How good it is'; 50%, "
+                   reason="attr, exist and spatial are short of the issue's targets (docs/testbed.md, 'How good it is'; 50%, "
                           "83% and 79% on these 24 questions)")
 def test_shipped_testbed_meets_every_target(shipped_scores_24):
     """Every family is checked before the test fails: the message lists each family short of its target."""

@@ -3,7 +3,7 @@ fields (:func:`load_config_file`, JSON or YAML), a policy file planned by ``mamb
 (:func:`load_policy_file`, :mod:`mambaprune.planner`), and the :class:`EvalConfig` they make together
 (:func:`config_from_args`).
 
-``python -m mambaprune.eval.runner --config cfg.json`` (or flags; ``--policy policy.json`` runs a planned policy)
+``python -m mambaprune.eval.cli --config cfg.json`` (or flags; ``--policy policy.json`` runs a planned policy)
 runs :func:`main`; ``mambaprune eval`` (:mod:`mambaprune.cli`) takes the same flags. :func:`parse_value` and
 :func:`key_value` read the ``KEY=VALUE`` flags of every command.
 """
@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 from .config import DTYPES, EvalConfig
@@ -141,8 +142,8 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
 
 
 def main(argv=None) -> int:
-    """``python -m mambaprune.eval.runner``: run one evaluation from flags and print its accuracy line."""
-    parser = argparse.ArgumentParser(prog="python -m mambaprune.eval.runner",
+    """``python -m mambaprune.eval.cli``: run one evaluation from flags and print its accuracy line."""
+    parser = argparse.ArgumentParser(prog="python -m mambaprune.eval.cli",
                                      description="Evaluate a Mamba MLLM with a pruning method on a dataset")
     add_eval_arguments(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -153,3 +154,7 @@ def main(argv=None) -> int:
         print(f"{summary['label']}: {summary['n_samples']} samples ({summary['n_errors']} errors); accuracy (%) "
               f"{acc}; average {summary['average']}; FLOPs ratio {summary['flops_ratio']}")
     return 0
+
+
+if __name__ == "__main__":                      # python -m mambaprune.eval.cli (also under torchrun)
+    sys.exit(main())

@@ -1,6 +1,6 @@
 """Several processes: joining torchrun's process group, picking each rank's device and splitting the samples.
 
-Launched by ``torchrun --nproc-per-node N -m mambaprune.cli eval ...`` (or ``-m mambaprune.eval.runner``;
+Launched by ``torchrun --nproc-per-node N -m mambaprune.cli eval ...`` (or ``-m mambaprune.eval.cli``;
 ``WORLD_SIZE`` > 1), each process joins a ``torch.distributed`` group (gloo; a group the caller already
 initialised is used as it is, whatever its size; :func:`dist_setup`), takes the samples ``samples[rank::N]``
 (:func:`shard`) and writes ``samples.rank{r}.jsonl`` and ``state.rank{r}.json`` (:func:`rank_suffix`) with the

@@ -19,7 +19,7 @@ The parts, one job per module of :mod:`mambaprune.eval`:
 * :mod:`~mambaprune.eval.cli`: the command-line flags, config and policy files;
 * this module: :func:`run_eval`, which puts them together, and :func:`load_named_model`.
 
-Command line: ``python -m mambaprune.eval.runner --config cfg.json`` (or ``mambaprune eval``; under ``torchrun``
+Command line: ``python -m mambaprune.eval.cli --config cfg.json`` (or ``mambaprune eval``; under ``torchrun``
 for several processes) runs :func:`mambaprune.eval.cli.main`.
 """
 from __future__ import annotations
@@ -159,9 +159,3 @@ def run_eval(config: EvalConfig, progress: bool = True, model=None) -> dict | No
         return summary
     finally:
         dist_teardown(created)
-
-
-if __name__ == "__main__":                      # python -m mambaprune.eval.runner (also under torchrun)
-    from .cli import main
-
-    sys.exit(main())
