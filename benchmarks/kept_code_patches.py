@@ -8,7 +8,7 @@ with a :class:`~mambaprune.analysis.KeptTokenRecorder` around it; at the first l
 gone (0 for a method that prunes before the LM), it counts the patches holding a code character's centre
 (``train_testbed.scene_patches``, from the scene description the generator keeps) and those holding an
 object's centre that are still there. A method that keeps
-the code's patches can still read the code in a later layer; one that drops them cannot (README, "The demo").
+the code's patches can still read the code in a later layer; one that drops them cannot (README, "Quick start"; docs/testbed.md, "What the demo shows on it").
 The defaults are the demo's methods at about 70% of the FLOPs, DART also at 50%, and DTP at keep 0.9.
 """
 from __future__ import annotations

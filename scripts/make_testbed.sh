@@ -8,7 +8,7 @@
 # --shipped-tower: take the vision tower from the shipped testbed instead of training it (stage 1, ~18 min);
 #   the shipped model did, and that tower is the one stage 1 below makes (run 30's).
 #
-# The shipped model was found step by step (README, "What limits it": runs 39-45), so its schedule changed
+# The shipped model was found step by step (docs/testbed.md, "What limits it": runs 39-45), so its schedule changed
 # along the way; each piece below resumes OUT/last.pt with that piece's settings and stops (--stop-at) where
 # the original piece stopped. Started again, the script skips the pieces already done. One thread, seed 0.
 # Stage 2 took about 3.9 hours of one core (shallow ~1 s a step, deep ~5-8 s with another run beside it).
@@ -20,7 +20,7 @@ HERE=$(cd "$(dirname "$0")/.." && pwd)
 
 [ -f "$SYNTH/manifest.json" ] || $MP synth --out "$SYNTH" --per-family 2000
 
-# run 30's flags (README, "How it was trained") without its schedule
+# run 30's flags (docs/testbed.md, "How it was trained") without its schedule
 BASE="--data $SYNTH --batch-size 24 --balance-chars --freeze-tower --standardize --visual-rms-weight 0.1
       --d-model 64 --expand 2 --d-state 16 --memory-weight 1 --turn-memory-weight 1 --no-difference-conv
       --embedding-std 1 --grow-from 2 --grow-spread --grow-lr-scale 0.25 --threads 1 --seed 0"

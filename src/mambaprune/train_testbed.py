@@ -57,7 +57,7 @@ with the test-split accuracy of every family and the training-curve plot ``curve
 Command line: ``mambaprune train-testbed --data SYNTH_DIR --out DIR [--steps N] [--batch-size B] ...``
 (``python -m mambaprune.train_testbed`` takes the same options).
 
-Options that served only the investigations of ``docs/testbed_runs.md`` and the README's "What limits it" (the
+Options that served only the investigations of ``docs/testbed_runs.md`` and docs/testbed.md's "What limits it" (the
 SSM init's A scale, Δ range and ``out_proj`` scale, the "Where is ...?" questions, the token curriculum, the
 visual embeddings' shared-part penalty and batch-wide RMS, a time budget in minutes) are gone; commit 9bd38ae
 has them, to replay those runs.
