@@ -138,7 +138,7 @@ def test_kept_code_patches_counts_a_known_kept_set(synth, monkeypatch):
     from mambaprune.data.readers import load_dataset
     from mambaprune.models import load_model
 
-    mod = _module("kept_code_patches")
+    mod = _module("kept_code_patches", BENCH)
     model = load_model("testbed")
     grid = model.vision.image_size // model.vision.patch_size
     assert grid % 2 == 0
