@@ -6,8 +6,8 @@
   With 10 answers: 0 matching humans give 0, 1 gives 0.3, 2 give 0.6, 3 or more give 1.
 * :func:`gqa_exact_match` (GQA): lower-cased, surrounding whitespace and punctuation (a trailing period included)
   stripped, then string equality.
-* :func:`pope_parse` / :func:`pope_summary` (POPE): a free-text prediction is "no" when its first sentence contains
-  the word "no" or "not", else "yes"; accuracy, precision, recall, F1 (positive class "yes") and the yes ratio.
+* :func:`pope_parse` / :func:`pope_summary_lenient` (POPE): a free-text prediction is "no" when its first sentence
+  contains the word "no" or "not", else "yes"; accuracy, precision, recall, F1 (positive class "yes") and the yes ratio.
 * :func:`vsr_parse` / :func:`vsr_accuracy` (VSR): binary accuracy on True/False.
 
 Every per-sample metric has the signature ``score(prediction, answers) -> float`` and every summary returns
@@ -16,9 +16,14 @@ fractions in [0, 1] (the harness prints percent). :data:`METRICS` maps the metri
 
 One deliberate detail of the official VQA normalisation is kept: contractions written without their apostrophe
 ("dont", "youre") are mapped to the apostrophe form ("don't", "you're"), so both spellings match each other; a
-contraction is not rewritten into two words. The official evaluator only cleans the human answers' punctuation
-when they disagree; here both sides are always normalised in full (as lmms-eval does), which can only make
-equal answers compare equal.
+contraction is not rewritten into two words. The official evaluator processes neither side when all humans gave
+the same string and both sides otherwise; here both sides are always normalised in full (as lmms-eval does), which
+can only make equal answers compare equal.
+
+These lenient metrics are what :data:`METRICS` serves. The official scorers, one per dataset and each a
+transcription of that dataset's published evaluator, live in :mod:`mambaprune.eval.official` and are re-exported
+here: :func:`official_score` (``official_score(dataset, prediction, answers)``), :func:`pope_summary` (POPE's
+``evaluate.py``; the lenient POPE summary is :func:`pope_summary_lenient`) and :func:`vizwiz_summary`.
 """
 from __future__ import annotations
 
@@ -28,16 +33,36 @@ import string
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
+from .official import (VIZWIZ_CONTRACTIONS, VQA_CONTRACTIONS, gqa_accuracy, pope_official_parse,
+                       pope_official_score, pope_summary, textvqa_accuracy, textvqa_normalize, vizwiz_accuracy,
+                       vizwiz_normalize, vizwiz_summary, vqa_official_accuracy, vqa_official_normalize)
+
 __all__ = [
     "METRICS",
     "Metric",
+    "OFFICIAL_DATASETS",
+    "OFFICIAL_SCORERS",
+    "VIZWIZ_CONTRACTIONS",
+    "VQA_CONTRACTIONS",
+    "gqa_accuracy",
     "gqa_exact_match",
     "get_metric",
     "normalize_answer",
     "normalize_gqa",
+    "official_score",
+    "pope_official_parse",
+    "pope_official_score",
     "pope_parse",
     "pope_summary",
+    "pope_summary_lenient",
+    "textvqa_accuracy",
+    "textvqa_normalize",
+    "vizwiz_accuracy",
+    "vizwiz_normalize",
+    "vizwiz_summary",
     "vqa_accuracy",
+    "vqa_official_accuracy",
+    "vqa_official_normalize",
     "vsr_accuracy",
     "vsr_parse",
 ]
@@ -180,15 +205,16 @@ def _yes_no_label(answers: Sequence[str]) -> str:
     return label
 
 
-def pope_summary(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
-    """POPE's accuracy, precision, recall, F1 (positive = "yes") and yes ratio over a list of predictions.
+def pope_summary_lenient(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -> dict[str, float]:
+    """POPE's accuracy, precision, recall, F1 (positive = "yes") and yes ratio, predictions read by :func:`pope_parse`.
 
-    Precision (recall) is 0 when nothing was predicted (labelled) "yes"; so is F1 when both are 0.
+    Precision (recall) is 0 when nothing was predicted (labelled) "yes"; so is F1 when both are 0. This is the
+    summary of the "pope" entry of :data:`METRICS`; :func:`pope_summary` is POPE's own ``evaluate.py``.
     """
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} labels")
     if not predictions:
-        raise ValueError("pope_summary needs at least one prediction")
+        raise ValueError("pope_summary_lenient needs at least one prediction")
     preds = [pope_parse(p) == "yes" for p in predictions]
     labels = [_yes_no_label(a) == "yes" for a in answers]
     tp = sum(p and t for p, t in zip(preds, labels))
@@ -260,7 +286,7 @@ class Metric:
 METRICS: dict[str, Metric] = {
     "vqa_accuracy": Metric("vqa_accuracy", vqa_accuracy, _mean_summary(vqa_accuracy)),
     "exact_match": Metric("exact_match", gqa_exact_match, _mean_summary(gqa_exact_match)),
-    "pope": Metric("pope", _pope_score, pope_summary),
+    "pope": Metric("pope", _pope_score, pope_summary_lenient),
     "vsr": Metric("vsr", vsr_accuracy, _mean_summary(vsr_accuracy)),
 }
 
@@ -271,3 +297,34 @@ def get_metric(name: str) -> Metric:
         return METRICS[name]
     except KeyError:
         raise ValueError(f"unknown metric {name!r}; known: {', '.join(sorted(METRICS))}") from None
+
+
+# --- the official scorers, one per dataset ---------------------------------------------------------------------
+
+#: The official per-sample scorer of each dataset (see :mod:`mambaprune.eval.official` for the upstream rules).
+#: VSR's own evaluation (cambridgeltl/visual-spatial-reasoning ``src/eval.py`` L56-58, L67) is the accuracy of a
+#: classifier's True/False against the label, with no rule for reading free text; a generated answer's True/False
+#: is read by :func:`vsr_parse` and compared with the label (:func:`vsr_accuracy`).
+OFFICIAL_SCORERS: dict[str, Callable[[str, Sequence[str]], float]] = {
+    "vqav2": vqa_official_accuracy,
+    "okvqa": vqa_official_accuracy,
+    "textvqa": textvqa_accuracy,
+    "vizwiz": vizwiz_accuracy,
+    "gqa": gqa_accuracy,
+    "pope": pope_official_score,
+    "vsr": vsr_accuracy,
+}
+OFFICIAL_DATASETS = tuple(OFFICIAL_SCORERS)
+
+
+def official_score(dataset: str, prediction: str, answers: Sequence[str]) -> float:
+    """The score of one prediction by ``dataset``'s official evaluator, in [0, 1].
+
+    ``dataset`` is one of :data:`OFFICIAL_DATASETS`; ``answers`` are the human answers (VQAv2, OK-VQA, TextVQA,
+    VizWiz) or the one label in a list (GQA: the gold answer; POPE: "yes" / "no"; VSR: "true" / "false").
+    """
+    try:
+        scorer = OFFICIAL_SCORERS[dataset]
+    except KeyError:
+        raise ValueError(f"no official scorer for {dataset!r}; known: {', '.join(OFFICIAL_DATASETS)}") from None
+    return scorer(prediction, answers)
