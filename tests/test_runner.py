@@ -39,7 +39,7 @@ N_SAMPLES = 10
 SUMMARY_KEYS = {"config", "label", "n_samples", "n_errors", "n_scored", "accuracy", "metrics", "average", "flops",
                 "flops_baseline", "flops_ratio", "tokens_per_layer_mean", "prefill_ms_mean",
                 "decode_ms_per_token_mean", "method_ms_mean", "total_s", "peak_mem_mb", "peak_mem_kind",
-                "timing_protocol", "device", "world_size", "max_new_tokens"}
+                "timing_protocol", "device", "world_size", "max_new_tokens", "protocol"}
 
 
 class Killed(BaseException):

@@ -74,6 +74,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--batch-size", type=int, default=None, help="samples per batch (default 1)")
     a("--warmup", type=int, default=None, help="untimed warm-up repetitions (default 1)")
     a("--max-new-tokens", type=int, default=None, help="decoding budget (default: the model's for the task)")
+    a("--protocol", default=None,
+      help="evaluation protocol: official, cobra, robomamba (default: the model's own; see mambaprune.eval.protocols)")
     a("--fatal-errors", action="store_const", const=True, default=None,
       help="raise on a sample that cannot be prepared instead of recording an error")
     a("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
@@ -130,7 +132,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     if new_method is not None and new_method != settings.get("method", "none"):
         settings.pop("params", None)              # the file's params belong to the file's method
     for name in ("model", "method", "data", "data_root", "split", "limit", "seed", "out", "batch_size",
-                 "warmup", "max_new_tokens", "fatal_errors", "device", "dtype"):
+                 "warmup", "max_new_tokens", "fatal_errors", "device", "dtype", "protocol"):
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value

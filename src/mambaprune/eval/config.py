@@ -44,6 +44,8 @@ class EvalConfig:
             (``spec.max_new_tokens_for(<dataset name before any ':'>)``).
         fatal_errors: raise on a sample that cannot be prepared instead of recording an error.
         device, dtype: where and in which precision to run (None: cuda if available else cpu; the loader's dtype).
+        protocol: the evaluation protocol (:mod:`mambaprune.eval.protocols`: ``official``, ``cobra``,
+            ``robomamba``); None: the model's own (its spec's ``protocol``, else ``official``).
     """
 
     model: str
@@ -62,6 +64,7 @@ class EvalConfig:
     fatal_errors: bool = False
     device: str | None = None
     dtype: str | None = None
+    protocol: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -173,6 +176,10 @@ def validate(config: EvalConfig):
             torch.device(config.device)
         except (RuntimeError, TypeError) as e:
             raise ValueError(f"invalid device {config.device!r}: {e}") from None
+    if config.protocol is not None:
+        from .protocols import get_protocol
+
+        get_protocol(config.protocol).task_for(config.data)
     if not isinstance(config.model_args, dict):
         raise ValueError(f"model_args must be a mapping, got {config.model_args!r}")
     loader = resolve_loader(config.model)

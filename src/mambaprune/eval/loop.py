@@ -26,6 +26,7 @@ from typing import Sequence
 import torch
 
 from .config import EvalConfig
+from .protocols import postprocess, scorer_for
 from .records import write_atomic
 
 __all__ = ["RECORD_FIELDS", "SampleLoop", "TIMING_FIELDS", "TIMING_PROTOCOL", "peak_memory"]
@@ -44,7 +45,8 @@ TIMING_PROTOCOL = (
 RECORD_FIELDS = (
     "index", "id", "group", "metric", "question", "prediction", "answers", "score", "tokens_per_layer",
     "n_visual", "n_text", "flops", "flops_baseline", "prefill_ms", "decode_ms", "decode_ms_per_token",
-    "n_decode_steps", "n_new_tokens", "method_ms", "batch_size", "error")
+    "n_decode_steps", "n_new_tokens", "method_ms", "batch_size", "error", "prompt", "generated", "choice",
+    "answerable")
 #: Record fields that are measured times (they differ from run to run).
 TIMING_FIELDS = ("prefill_ms", "decode_ms", "decode_ms_per_token", "method_ms")
 
@@ -96,19 +98,33 @@ class SampleLoop:
     """The per-process sample loop (driven by :func:`mambaprune.eval.runner.run_eval`): writes each record to
     ``record_file`` (opened for appending) as soon as its batch is answered."""
 
-    def __init__(self, config: EvalConfig, model, pruner, device, max_new_tokens: int, record_file):
+    def __init__(self, config: EvalConfig, model, pruner, device, max_new_tokens: int, record_file, task=None):
         from ..eval.metrics import get_metric
         from ..flops import lm_macs
+        from .protocols import Task
 
         self.config, self.model, self.pruner, self.device = config, model, pruner, device
         self.max_new_tokens = max_new_tokens
         self.file = record_file
         self.get_metric, self.lm_macs = get_metric, lm_macs
         self.lm_config = model.lm.config
+        self.task = task if task is not None else Task()
+        self.candidate_ids = (model.candidate_ids([s for s, _ in self.task.candidates])
+                              if self.task.answer == "choice" else None)
 
-    def _generate(self, prepared, timings: dict | None, hook):
-        return self.model.generate_prepared(prepared, pruner=hook, timings=timings,
-                                            max_new_tokens=self.max_new_tokens, do_sample=False)
+    def _prompts(self, samples) -> list[str]:
+        """The exact text each sample's prompt is (the protocol's message in the model's template)."""
+        from .protocols import build_prompt
+
+        return [build_prompt(self.task, self.model.spec, s) for s in samples]
+
+    def _prepare(self, images, samples):
+        return self.model.prepare(images, [s.question for s in samples], prompts=self._prompts(samples))
+
+    def _generate(self, prepared, timings: dict | None, hook, first_logits: list | None = None):
+        options = {} if self.task.stop_at_eos else {"eos_token_id": None}
+        return self.model.generate_prepared(prepared, pruner=hook, timings=timings, first_logits=first_logits,
+                                            max_new_tokens=self.max_new_tokens, do_sample=False, **options)
 
     def warm_up(self, samples: Sequence, times: int) -> None:
         from ..models.vision import load_image
@@ -117,7 +133,7 @@ class SampleLoop:
             return
         for s in samples:
             try:
-                prepared = self.model.prepare(load_image(s.image), s.question)
+                prepared = self._prepare([load_image(s.image)], [s])
             except Exception:
                 continue
             for _ in range(times):
@@ -144,7 +160,7 @@ class SampleLoop:
 
     def _error_record(self, index: int, sample, err: BaseException) -> dict:
         rec = dict.fromkeys(RECORD_FIELDS)
-        rec.update(index=index, id=sample.id, group=sample.group, metric=sample.metric, question=sample.question,
+        rec.update(index=index, id=sample.id, group=sample.group, metric=scorer_for(self.task, sample), question=sample.question,
                    answers=list(sample.answers), error=f"{type(err).__name__}: {err}")
         return rec
 
@@ -167,7 +183,7 @@ class SampleLoop:
                 records[index] = self._error_record(index, sample, e)
         if loaded:
             try:
-                prepared = self.model.prepare([im for _, _, im in loaded], [s.question for _, s, _ in loaded])
+                prepared = self._prepare([im for _, _, im in loaded], [s for _, s, _ in loaded])
             except Exception:
                 if len(loaded) == 1:
                     if self.config.fatal_errors:
@@ -187,13 +203,25 @@ class SampleLoop:
             self._write(rec)
         return out
 
+    def _choices(self, logits: torch.Tensor) -> list[dict]:
+        """Each sample's candidate answer from its first-step logits: the candidate with the highest probability
+        (the first of equals, as ``np.argmax`` in vlm-evaluation's POPE and VSR scorers picks it), with the
+        probabilities renormalised over the candidates and over the whole vocabulary."""
+        vocab, renormalised = self.model.candidate_probabilities(logits, self.candidate_ids)
+        out = []
+        for row, full in zip(renormalised.tolist(), vocab.tolist()):
+            best = max(range(len(row)), key=lambda k: (row[k], -k))
+            out.append({"candidates": [s for s, _ in self.task.candidates], "probabilities": row,
+                        "vocab_probabilities": full, "winner": self.task.candidates[best][1]})
+        return out
+
     def _answer_one(self, index: int, sample) -> list[dict]:
         """One sample alone (from a batch whose joint preparation failed)."""
         from ..models.vision import load_image
 
         try:
             image = load_image(sample.image)
-            prepared = self.model.prepare(image, sample.question)
+            prepared = self._prepare([image], [sample])
         except Exception as e:
             if self.config.fatal_errors:
                 raise
@@ -204,10 +232,12 @@ class SampleLoop:
         b = len(loaded)
         timings: dict = {}
         hook = self.pruner if b == 1 else _TokenCounter(self.pruner, self.lm_config.n_layer)
-        tokens = self._generate(prepared, timings, hook)
-        texts = self.model.decode(tokens)
+        first_logits = [] if self.candidate_ids is not None else None
+        tokens = self._generate(prepared, timings, hook, first_logits)
+        eos = self.model.eos_token_id if self.task.stop_at_eos else None
+        texts = self.model.decode(tokens, eos_token_id=eos)
+        choices = self._choices(first_logits[0]) if first_logits is not None else [None] * b
         per_sample = [timings["tokens_per_layer"]] if b == 1 else hook.per_sample()
-        eos = self.model.eos_token_id
         steps = len(timings["decode_s"])
         prefill_ms = timings["prefill_s"] * 1000 / b
         decode_ms = sum(timings["decode_s"]) * 1000 / b
@@ -218,16 +248,20 @@ class SampleLoop:
             n_new = row.index(eos) + 1 if eos is not None and eos in row else len(row)
             n_text = len(prepared.text_ids[i])
             tpl = [int(t) for t in per_sample[i]]
+            metric = scorer_for(self.task, sample)
+            prediction = choices[i]["winner"] if choices[i] is not None else postprocess(self.task, texts[i])
             rec = {
-                "index": index, "id": sample.id, "group": sample.group, "metric": sample.metric,
-                "question": sample.question, "prediction": texts[i], "answers": list(sample.answers),
-                "score": float(self.get_metric(sample.metric).score(texts[i], sample.answers)),
+                "index": index, "id": sample.id, "group": sample.group, "metric": metric,
+                "question": sample.question, "prediction": prediction, "answers": list(sample.answers),
+                "score": float(self.get_metric(metric).score(prediction, sample.answers)),
                 "tokens_per_layer": tpl, "n_visual": prepared.num_visual, "n_text": n_text,
                 "flops": self.lm_macs(self.lm_config, tpl),
                 "flops_baseline": self.lm_macs(self.lm_config, [prepared.num_visual + n_text] * len(tpl)),
                 "prefill_ms": prefill_ms, "decode_ms": decode_ms,
                 "decode_ms_per_token": decode_ms / steps if steps else None, "n_decode_steps": steps,
                 "n_new_tokens": n_new, "method_ms": method_ms, "batch_size": b, "error": None,
+                "prompt": prepared.prompts[i], "generated": texts[i], "choice": choices[i],
+                "answerable": getattr(sample, "answerable", None),
             }
             out.append(rec)
         return out

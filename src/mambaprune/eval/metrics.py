@@ -328,3 +328,25 @@ def official_score(dataset: str, prediction: str, answers: Sequence[str]) -> flo
     except KeyError:
         raise ValueError(f"no official scorer for {dataset!r}; known: {', '.join(OFFICIAL_DATASETS)}") from None
     return scorer(prediction, answers)
+
+
+# --- the protocols' scorers as metrics ----------------------------------------------------------------------------
+
+#: official summaries beyond the mean score (POPE's evaluate.py: accuracy, precision, recall, F1, yes ratio)
+OFFICIAL_SUMMARIES = {"pope": pope_summary}
+
+
+def _register_protocol_scorers() -> None:
+    """Every official scorer as ``<dataset>_official`` (POPE with its ``evaluate.py`` summary), the scorers of
+    the models' own evaluation code (:mod:`mambaprune.eval.upstream_scorers`) under their names."""
+    from .upstream_scorers import UPSTREAM_SCORERS
+
+    for dataset, score in OFFICIAL_SCORERS.items():
+        name = f"{dataset}_official"
+        summarize = OFFICIAL_SUMMARIES.get(dataset) or _mean_summary(score)
+        METRICS[name] = Metric(name, score, summarize)
+    for name, score in UPSTREAM_SCORERS.items():
+        METRICS[name] = Metric(name, score, _mean_summary(score))
+
+
+_register_protocol_scorers()

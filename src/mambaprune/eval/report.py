@@ -82,8 +82,9 @@ def load_runs(paths) -> list[dict]:
 
 
 def merge_runs(runs: Sequence[Mapping]) -> list[dict]:
-    """One summary per (model, method label): the runs of one setting on several benchmarks (one run folder
-    each, as the paper's Table 1 has one row per setting across six benchmarks) become one row.
+    """One summary per (model, method label, evaluation protocol): the runs of one setting on several benchmarks (one run folder
+    each, as the paper's Table 1 has one row per setting across six benchmarks) become one row; runs of different
+    protocols stay apart.
 
     Accuracies and metrics are united (two runs of one label may not both report the same group: that is a
     :class:`ValueError` naming it); ``flops`` / ``flops_baseline`` and the timing means are averaged weighted by
@@ -92,9 +93,9 @@ def merge_runs(runs: Sequence[Mapping]) -> list[dict]:
     """
     groups: dict[tuple, list[Mapping]] = {}
     for run in runs:
-        groups.setdefault((_config(run).get("model"), _label(run)), []).append(run)
+        groups.setdefault((_config(run).get("model"), _label(run), _protocol(run)), []).append(run)
     merged = []
-    for (_, label), parts in groups.items():
+    for (_, label, _), parts in groups.items():
         if len(parts) == 1:
             merged.append(dict(parts[0]))
             continue
@@ -291,14 +292,31 @@ def _label(run: Mapping) -> str:
     return f"{name}({_format_params(params)})" if params else name
 
 
-def _row_label(run: Mapping, is_baseline: bool, baseline_label: str | None) -> str:
+def _row_label(run: Mapping, is_baseline: bool, baseline_label: str | None, mark: bool = False) -> str:
+    """The row's label; with ``mark``, followed by the run's evaluation protocol in brackets."""
+    suffix = f" [{_protocol(run)}]" if mark else ""
     if is_baseline:
         if baseline_label is not None:
-            return baseline_label
+            return baseline_label + suffix
         if _method(run) == "none":
             model = _config(run).get("model")
-            return f"Baseline ({model})" if model else "Baseline"
-    return _label(run)
+            return (f"Baseline ({model})" if model else "Baseline") + suffix
+    return _label(run) + suffix
+
+
+def _protocol(run: Mapping) -> str | None:
+    """The evaluation protocol a run was answered and scored under (None for runs from before protocols)."""
+    return run.get("protocol") or _config(run).get("protocol")
+
+
+def _protocol_marks(runs: Sequence[Mapping]) -> tuple[bool, list[str]]:
+    """(mark rows?, notes): runs of different protocols in one table get their protocol in each row's label and
+    a note saying that their scores are not comparable."""
+    names = list(dict.fromkeys(str(_protocol(r)) for r in runs))
+    if len(names) < 2:
+        return False, []
+    return True, [f"Runs under different evaluation protocols ({', '.join(names)}), marked in each row: their "
+                  f"scores are not comparable."]
 
 
 def _resolve_baseline(runs: Sequence[Mapping], baseline) -> Mapping | None:
@@ -484,9 +502,10 @@ def accuracy_table(runs: Sequence[Mapping], baseline=None, benchmarks: Sequence[
     base_scores = _scores(base, benches) if base is not None else None
     avgs = _Averages(base_scores)
     rows, csv_rows, labels = [], [], []
+    mark, protocol_notes = _protocol_marks(rows_runs)
     for r in rows_runs:
         is_base = r is base
-        label = _row_label(r, is_base, baseline_label)
+        label = _row_label(r, is_base, baseline_label, mark)
         scores = _scores(r, benches)
         cells = [_score_cell(s, None if is_base or base_scores is None else base_scores[i])
                  for i, s in enumerate(scores)]
@@ -504,7 +523,7 @@ def accuracy_table(runs: Sequence[Mapping], baseline=None, benchmarks: Sequence[
     flops_col = _unit_name(flops_unit)
     columns = ["Method", flops_col, "FLOPs ratio", *names, "Avg"]
     csv_columns = ["Method", flops_col, "FLOPs ratio", *names, "Avg"] + (["Level"] if levels else [])
-    notes = avgs.note() + _error_notes(rows_runs, labels)
+    notes = avgs.note() + _error_notes(rows_runs, labels) + protocol_notes
     return Table(title or _default_title("Comparison of pruning methods", ordered), columns, rows, notes,
                  breaks, csv_columns, csv_rows)
 
@@ -547,9 +566,10 @@ def efficiency_table(runs: Sequence[Mapping], baseline=None, flops_unit: float =
         raise ValueError("no runs to tabulate")
     base_prefill = base.get("prefill_ms_mean") if base is not None else None
     rows, csv_rows = [], []
+    mark, protocol_notes = _protocol_marks(ordered)
     for r in ordered:
         is_base = r is base
-        label = _row_label(r, is_base, baseline_label)
+        label = _row_label(r, is_base, baseline_label, mark)
         prefill = r.get("prefill_ms_mean")
         speedup = None
         if not is_base and prefill and base_prefill:
@@ -566,7 +586,7 @@ def efficiency_table(runs: Sequence[Mapping], baseline=None, flops_unit: float =
                "Total latency", "Peak memory"]
     csv_columns = ["Method", flops_col, "Prefill mean (ms)", "Prefill speed-up", "Decode mean (ms/token)",
                    "Method (ms)", "Total latency (s)", "Peak memory (MB)"]
-    notes = []
+    notes = list(protocol_notes)
     for key, what in (("peak_mem_kind", "Peak memory"), ("device", "Device"), ("timing_protocol", "Timing")):
         values = list(dict.fromkeys(str(r[key]) for r in ordered if r.get(key) is not None))
         if len(values) == 1:

@@ -33,6 +33,7 @@ import torch
 from .config import DTYPES, EvalConfig, method_label, resolve_loader, validate
 from .distributed import barrier, dist_setup, dist_teardown, pick_device, rank_suffix, shard
 from .loop import SampleLoop
+from .protocols import default_protocol, get_protocol
 from .records import check_run_json, read_records, read_state, write_atomic
 from .summary import summarize_records
 
@@ -109,11 +110,14 @@ def run_eval(config: EvalConfig, progress: bool = True, model=None) -> dict | No
                 model = model.to(device=device).eval()
             if not callable(getattr(loader, "describe", None)):
                 pruner.start(model.lm.config)           # layer checks, before any sample runs
+            protocol = get_protocol(config.protocol or default_protocol(model.spec))
+            declared = protocol.task_for(config.data)
             if max_new is None:
-                max_new = model.spec.max_new_tokens_for(task)
+                max_new = declared.max_new_tokens or model.spec.max_new_tokens_for(task)
             state["max_new_tokens"] = max_new
+            state["protocol"] = protocol.name
             with open(records_path, "a", encoding="utf-8") as f:
-                loop = SampleLoop(config, model, pruner, device, max_new, f)
+                loop = SampleLoop(config, model, pruner, device, max_new, f, task=declared)
                 loop.warm_up([s for _, s in pending], config.warmup)
                 bar = None
                 if progress and rank == 0:
@@ -144,8 +148,12 @@ def run_eval(config: EvalConfig, progress: bool = True, model=None) -> dict | No
             peaks = [s.get("peak_mem_mb") for s in states if s.get("peak_mem_mb") is not None]
             kinds = {s.get("peak_mem_kind") for s in states if s.get("peak_mem_kind")}
             budgets = [s["max_new_tokens"] for s in states if s.get("max_new_tokens") is not None]
+            protocols = sorted({s["protocol"] for s in states if s.get("protocol")})
+            if len(protocols) > 1:
+                raise RuntimeError(f"the records in {out} were answered under several protocols {protocols}")
             summary = summarize_records(
                 records, config,
+                protocol=protocols[0] if protocols else config.protocol,
                 max_new_tokens=budgets[0] if budgets else config.max_new_tokens,
                 total_s=max(s.get("total_s", 0.0) for s in states),
                 peak_mem_mb=max(peaks) if peaks else None,

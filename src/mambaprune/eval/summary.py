@@ -20,6 +20,18 @@ def _mean(values):
     return sum(values) / len(values) if values else None
 
 
+def _answerable_split(recs: Sequence[dict]) -> dict:
+    """Mean score (percent) of the answerable and of the unanswerable questions, where records carry VizWiz's
+    ``answerable`` flag (as VizWiz's own evaluation and vlm-evaluation's ``harnesses/vizwiz.py`` l. 311-353 report
+    them); nothing otherwise."""
+    out = {}
+    for key, flag in (("accuracy_answerable", True), ("accuracy_unanswerable", False)):
+        scores = [r["score"] for r in recs if r.get("answerable") is flag]
+        if scores:
+            out[key] = 100.0 * sum(scores) / len(scores)
+    return out
+
+
 def summarize_records(records: Sequence[dict], config: EvalConfig | dict, **extra) -> dict:
     """The summary of a run from its records (in dataset order); ``extra`` adds or overrides keys.
 
@@ -29,7 +41,10 @@ def summarize_records(records: Sequence[dict], config: EvalConfig | dict, **extr
     (scored) and n_errors}``, ``average`` (mean of the group accuracies), ``flops`` and ``flops_baseline`` (mean
     LM multiply-adds per scored sample, :func:`mambaprune.flops.lm_macs`), ``flops_ratio`` (sum of flops / sum
     of flops_baseline), ``tokens_per_layer_mean``, ``prefill_ms_mean``, ``method_ms_mean`` (means per sample),
-    ``decode_ms_per_token_mean`` (all decoding time / all decoding steps), ``timing_protocol``.
+    ``decode_ms_per_token_mean`` (all decoding time / all decoding steps), ``timing_protocol``, ``scorer`` (the
+    metric names the records were scored with). ``average`` over POPE's three splits (groups) is POPE-final as
+    vlm-evaluation reports it (the mean of the split accuracies); a group of VizWiz questions also gets
+    ``accuracy_answerable`` / ``accuracy_unanswerable`` in ``metrics``.
     """
     from ..eval.metrics import get_metric
 
@@ -52,6 +67,7 @@ def summarize_records(records: Sequence[dict], config: EvalConfig | dict, **extr
             raise ValueError(f"group {group!r} mixes metrics {sorted(names)}")
         summary = get_metric(names.pop()).summarize([r["prediction"] for r in recs], [r["answers"] for r in recs])
         metrics[group] = {**{k: 100.0 * v for k, v in summary.items()}, "n": len(recs), "n_errors": n_err}
+        metrics[group].update(_answerable_split(recs))
         accuracy[group] = 100.0 * summary["accuracy"]
     flops = sum(r["flops"] for r in ok)
     base = sum(r["flops_baseline"] for r in ok)
@@ -74,6 +90,7 @@ def summarize_records(records: Sequence[dict], config: EvalConfig | dict, **extr
         "decode_ms_per_token_mean": sum(r["decode_ms"] for r in ok) / steps if steps else None,
         "method_ms_mean": _mean(r["method_ms"] for r in ok),
         "timing_protocol": TIMING_PROTOCOL,
+        "scorer": sorted({r["metric"] for r in records if r.get("metric")}),
     }
     out.update(extra)
     return out

@@ -93,6 +93,7 @@ def cobra_vqa_prompt(question: str) -> str:
 
 COBRA_SPEC = VLMSpec(
     name="cobra", prompt_template=cobra_vqa_prompt, max_new_tokens=128, eos_token="<|endoftext|>",
+    chat_template=zephyr_prompt, protocol="cobra",
     notes="Prompt: Cobra's ZephyrChatPromptBuilder with vlm-evaluation's VQA message. Decoding: vlm-evaluation "
           "PrismaticVLM defaults (do_sample=False, max_new_tokens=128, temperature=1.0), EOS <|endoftext|>.")
 

@@ -414,7 +414,7 @@ class MambaLM(nn.Module):
                  hook: Hook | None = None, max_new_tokens: int = 32, do_sample: bool = False,
                  temperature: float = 1.0, top_p: float = 1.0, eos_token_id: int | None = -1,
                  pad_token_id: int | None = None, generator: torch.Generator | None = None,
-                 timings: dict | None = None) -> torch.Tensor:
+                 timings: dict | None = None, first_logits: list | None = None) -> torch.Tensor:
         """Prefill (with whatever cutting ``hook`` does), then one-token steps from the per-layer states.
 
         Greedy by default; ``do_sample`` with ``temperature`` and nucleus ``top_p``. A sample stops at
@@ -427,6 +427,9 @@ class MambaLM(nn.Module):
         ``tokens_per_layer`` (the prefill's, see :class:`MambaOutput`) and ``method_s`` (the hook's
         ``method_seconds`` after the prefill, 0.0 for a hook without one). Timers are ``time.perf_counter``;
         on CUDA tensors the device is synchronised before each timer is read.
+
+        ``first_logits``: a list to which the prefill's last-position logits (batch, vocab), in fp32, are appended:
+        the distribution the first new token is taken from (candidate-probability answers read it; no second pass).
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -448,6 +451,8 @@ class MambaLM(nn.Module):
             timings["decode_s"] = []
             timings["tokens_per_layer"] = list(out.tokens_per_layer)
             timings["method_s"] = float(getattr(hook, "method_seconds", 0.0) or 0.0)
+        if first_logits is not None:
+            first_logits.append(out.logits.float())
         token = self._next_token(out.logits, do_sample, temperature, top_p, generator)
         done = torch.zeros_like(token, dtype=torch.bool)
         tokens = []

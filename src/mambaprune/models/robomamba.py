@@ -50,6 +50,7 @@ VISION_PREFIX, LLM_PREFIX, PROJECTOR_PREFIX = "vision.model.", "llm.mamba.", "pr
 
 ROBOMAMBA_SPEC = VLMSpec(
     name="robomamba", prompt_template="<image>Question:{question} Answer:", max_new_tokens=128,
+    chat_template="<image>Question:{message} Answer:", protocol="robomamba",
     task_max_new_tokens=ROBOMAMBA_TASK_MAX_NEW_TOKENS, eos_token="<|endoftext|>",
     notes="Prompt and budgets: RoboMamba's src/test.py. Greedy: its GenerationMixin keeps top_k=1 although "
           "test.py passes do_sample=True, temperature=0.4. Stops at <|endoftext|> (the released loop does not).")

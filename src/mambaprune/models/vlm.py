@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Collection
+from typing import Callable, Collection, Sequence
 
 import torch
 import torch.nn as nn
@@ -38,6 +38,10 @@ class VLMSpec:
         do_sample, temperature, top_p: decoding defaults (greedy unless ``do_sample``).
         eos_token: the token that ends an answer; its id is looked up in the tokenizer.
         notes: where these settings come from.
+        chat_template: the model's bare chat template around a message (a format string with a ``{message}``
+            field, or a function); None: :attr:`prompt_template` serves.
+        protocol: the evaluation protocol the model runs under by default (:mod:`mambaprune.eval.protocols`);
+            None: ``official``.
     """
 
     name: str
@@ -49,6 +53,8 @@ class VLMSpec:
     top_p: float = 1.0
     eos_token: str = "<|endoftext|>"
     notes: str = ""
+    chat_template: str | Callable[[str], str] | None = None
+    protocol: str | None = None
 
     def prompt(self, question: str) -> str:
         """The prompt text for one question."""
@@ -57,6 +63,16 @@ class VLMSpec:
         if callable(self.prompt_template):
             return self.prompt_template(question)
         return self.prompt_template.format(question=question)
+
+    def chat(self, message: str) -> str:
+        """The model's chat template around ``message`` (its prompt template when it declares none)."""
+        if self.chat_template is None:
+            return self.prompt(message)
+        if not isinstance(message, str):
+            raise ValueError(f"a message must be a string, got {type(message).__name__}")
+        if callable(self.chat_template):
+            return self.chat_template(message)
+        return self.chat_template.format(message=message)
 
     def max_new_tokens_for(self, task: str | None = None) -> int:
         """The decoding budget the released evaluation uses for ``task``, else :attr:`max_new_tokens`."""
@@ -154,14 +170,19 @@ class MambaVLM(nn.Module):
         return list(questions), pixels, single
 
     @torch.no_grad()
-    def prepare(self, images, questions) -> PreparedInputs:
+    def prepare(self, images, questions, prompts: Sequence[str] | None = None) -> PreparedInputs:
         """Embed ``[visual][prompt text]`` for one image + one question, or equal-length lists (left-padded).
 
         Images are PIL images, paths, or prepared pixels (see the vision tower's ``preprocess``). The prompt
-        is ``spec.prompt(question)``, tokenized without special tokens (no BOS).
+        is ``spec.prompt(question)``, or ``prompts[i]`` verbatim when given (an evaluation protocol's exact text),
+        tokenized without special tokens (no BOS).
         """
         questions, pixels, _ = self._batch(images, questions)
-        prompts = [self.spec.prompt(q) for q in questions]
+        if prompts is None:
+            prompts = [self.spec.prompt(q) for q in questions]
+        elif len(prompts) != len(questions) or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(f"give one prompt string per question ({len(questions)}), got {prompts!r}")
+        prompts = list(prompts)
         text_ids = [list(self.tokenizer(p, add_special_tokens=False)["input_ids"]) for p in prompts]
         embedding = self.lm.backbone.embedding
         rows = embedding.weight.shape[0]
@@ -215,14 +236,35 @@ class MambaVLM(nn.Module):
 
     @torch.no_grad()
     def generate_prepared(self, prepared: PreparedInputs, pruner=None, timings: dict | None = None,
-                          **options) -> torch.Tensor:
+                          first_logits: list | None = None, **options) -> torch.Tensor:
         """:meth:`generate` on inputs already built by :meth:`prepare` (so their preparation can be handled,
-        or timed, apart)."""
+        or timed, apart); ``first_logits`` as :meth:`MambaLM.generate` fills it."""
         opts = self._options(options)
         eos = opts["eos_token_id"]
         return self.lm.generate(inputs_embeds=prepared.inputs_embeds, attention_mask=prepared.attention_mask,
                                 is_visual=prepared.is_visual, hook=pruner,
-                                pad_token_id=eos if eos is not None else 0, timings=timings, **opts)
+                                pad_token_id=eos if eos is not None else 0, timings=timings,
+                                first_logits=first_logits, **opts)
+
+    def candidate_ids(self, candidates: Sequence[str]) -> list[int]:
+        """The token id of each candidate string (``encode(s, add_special_tokens=False)``), each required to be
+        one token, as Cobra's ``CobraVLM.__init__`` asserts (cobra/models/vlms/cobra.py l. 80-84)."""
+        ids = []
+        for s in candidates:
+            enc = list(self.tokenizer(s, add_special_tokens=False)["input_ids"])
+            if len(enc) != 1:
+                raise ValueError(f"candidate {s!r} is {len(enc)} tokens of this tokenizer ({enc}); a candidate "
+                                 f"answer must be one token")
+            ids.append(enc[0])
+        return ids
+
+    @staticmethod
+    def candidate_probabilities(logits: torch.Tensor, ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(probabilities over the whole vocabulary, the same renormalised over the candidates), each (batch, k),
+        from first-step logits (batch, vocab), as Cobra's ``generate_batch`` computes them (cobra/models/vlms/
+        cobra.py l. 519-545: a softmax over the full logits row, the candidates' entries, divided by their sum)."""
+        probs = torch.softmax(logits.float(), dim=-1)[:, list(ids)]
+        return probs, probs / probs.sum(dim=-1, keepdim=True)
 
     def decode(self, token_ids: torch.Tensor, eos_token_id: int | None = -1) -> list[str]:
         """Text of each row up to its first EOS (default: the spec's), special tokens skipped, stripped."""
