@@ -106,6 +106,8 @@ def test_own_release_layouts(tmp_path):
          "answers": ["dakota"] * 10, "ocr_tokens": ["DAKOTA", "DIGITAL"]}]})
     [t] = load_dataset("textvqa", tv)
     assert t.ocr_tokens == ["DAKOTA", "DIGITAL"] and t.question == "what is the brand of this camera?"
+    [o] = load_dataset("textvqa:ocr", tv)               # the name for TextVQA with its OCR tokens
+    assert (o.id, o.question, o.ocr_tokens, o.group) == (t.id, t.question, t.ocr_tokens, "textvqa:ocr")
 
     vw = tmp_path / "vizwiz"  # Annotations.zip + val.zip
     answers = [{"answer": "soap", "answer_confidence": "yes"}] * 9 + [{"answer": "unanswerable",
@@ -135,6 +137,8 @@ def test_pope_repository_layout_with_crlf_lines(tmp_path):
     adv = load_dataset("pope", tmp_path, split="adversarial", images_root=tmp_path / "coco/val2014")
     assert adv[0].image == tmp_path / "coco/val2014/COCO_val2014_000000310196.jpg" and adv[0].image.is_file()
     assert {s.group for s in adv} == {"pope_adversarial"}
+    named = load_dataset("pope:adversarial", tmp_path)  # pope:<split> names one split
+    assert [s.id for s in named] == ["adversarial/1", "adversarial/2"]
 
 
 # --- images elsewhere -----------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ import json
 import os
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -581,10 +581,17 @@ def _okvqa(root, split, variant, images_root=None):
     return _coco_vqa(root, split, "okvqa", "OpenEnded_mscoco", "mscoco", images_root)
 
 
-@register_dataset("textvqa", default_split="val", description="TextVQA, VQA accuracy")
+@register_dataset("textvqa", default_split="val", variants=("ocr",),
+                  description="TextVQA, VQA accuracy (textvqa: the question alone; textvqa:ocr: with its OCR tokens)")
 def _textvqa(root, split, variant, images_root=None):
-    return _release_or_vlm_eval("textvqa", root, split, images_root,
-                                lambda: read_textvqa(root, split, images_root=images_root))
+    samples = _release_or_vlm_eval("textvqa", root, split, images_root,
+                                   lambda: read_textvqa(root, split, images_root=images_root))
+    if variant != "ocr":
+        return samples
+    if any(s.ocr_tokens is None for s in samples):
+        raise ValueError(f"textvqa:ocr needs each question's OCR tokens, and the TextVQA file in {root} has none "
+                         f"(TextVQA_0.5.1_{split}.json carries them in 'ocr_tokens')")
+    return [replace(s, group="textvqa:ocr") for s in samples]
 
 
 @register_dataset("vizwiz", default_split="val", description="VizWiz VQA, VQA accuracy")
@@ -594,8 +601,11 @@ def _vizwiz(root, split, variant, images_root=None):
 
 
 @register_dataset("pope", default_split="all", splits=(*synthvqa.POPE_VARIANTS, "all"),
-                  description="POPE (COCO) random / popular / adversarial, yes/no")
+                  variants=synthvqa.POPE_VARIANTS,
+                  description="POPE (COCO) random / popular / adversarial, yes/no (pope: all three; pope:<split>)")
 def _pope(root, split, variant, images_root=None):
+    if variant is not None:
+        split = variant
     variants = synthvqa.POPE_VARIANTS if split == "all" else (split,)
     return _release_or_vlm_eval("pope", root, split, images_root, lambda: [
         s for v in variants for s in read_pope(root, v, images_root=images_root)])
