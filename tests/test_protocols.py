@@ -269,3 +269,28 @@ def test_vizwiz_answerable_and_unanswerable_accuracies_in_the_summary():
     assert m["accuracy_unanswerable"] == 0.0
     assert summary["accuracy"]["vizwiz"] == pytest.approx(50.0)
     assert summary["scorer"] == ["vizwiz_official"]
+
+
+def test_pope_final_is_the_mean_of_the_splits_and_a_table_column():
+    """vlm-evaluation's PopeScorer (harnesses/pope.py l. 334): POPE-final = the unweighted mean of the three split
+    accuracies, not the pooled accuracy (the splits differ in size: 2910 / 3000 / 3000 upstream)."""
+    from mambaprune.eval.report import accuracy_table, merge_runs
+    from mambaprune.eval.summary import summarize_records
+
+    def rec(group, score):
+        pred = "yes" if score else "no"
+        return {"group": group, "metric": "cobra_pope", "prediction": pred, "answers": ["yes"], "score": score,
+                "error": None, "flops": 1.0, "flops_baseline": 1.0, "tokens_per_layer": [1], "prefill_ms": 1.0,
+                "decode_ms": 1.0, "n_decode_steps": 1, "method_ms": 0.0}
+
+    records = ([rec("pope_random", 1.0)] * 3 + [rec("pope_random", 0.0)]       # 75 %
+               + [rec("pope_popular", 1.0)]                                    # 100 %
+               + [rec("pope_adversarial", 0.0)] * 2)                           # 0 %
+    config = {"model": "cobra", "method": "none", "params": {}, "protocol": "cobra"}
+    pope = summarize_records(records, config, final="pope", protocol="cobra")
+    assert pope["accuracy_final"] == {"pope": pytest.approx(175 / 3)}       # pooled would be 4 / 7 = 57.1
+    gqa = {"config": {**config, "data": "gqa"}, "protocol": "cobra", "accuracy": {"gqa": 60.0}, "n_samples": 5,
+           "flops": 1.0, "flops_baseline": 1.0, "flops_ratio": 1.0}
+    [row] = merge_runs([pope, gqa])
+    table = accuracy_table([row], benchmarks=["gqa", "pope"], baseline=False)
+    assert table.rows[0][3:5] == ["60.0", "58.3"]

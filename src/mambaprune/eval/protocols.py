@@ -55,6 +55,8 @@ class Task:
             released RoboMamba loop).
         postprocess: names in :data:`POSTPROCESS` applied in order to the decoded text.
         scorer: a metric name in :data:`mambaprune.eval.metrics.METRICS`.
+        final: a name under which the run's summary also reports the unweighted mean of its groups' accuracies
+            (``accuracy_final``; POPE-final over the three splits, as vlm-evaluation's ``pope.py`` l. 334 does).
     """
 
     message: str = "{question}"
@@ -65,6 +67,7 @@ class Task:
     stop_at_eos: bool = True
     postprocess: tuple[str, ...] = ()
     scorer: str = "sample"
+    final: str | None = None
 
     def __post_init__(self):
         if self.wrap not in ("prompt", "chat"):
@@ -215,7 +218,8 @@ register_protocol(Protocol(
         "textvqa:ocr": Task(message="\nReference OCR token: {ocr}\n{question}" + _SHORT, wrap="chat",
                             max_new_tokens=128, scorer="cobra_textvqa"),
         "pope": Task(message="\n{question}" + _SHORT, wrap="chat", answer="choice",
-                     candidates=(("Yes", "yes"), ("No", "no")), max_new_tokens=128, scorer="cobra_pope"),
+                     candidates=(("Yes", "yes"), ("No", "no")), max_new_tokens=128, scorer="cobra_pope",
+                     final="pope"),
         "vsr": Task(message='\nBased on the image, is this statement "True" or "False"? {caption}'
                             '\nRespond with "True" or "False" directly.', wrap="chat", answer="choice",
                     candidates=(("True", "true"), ("False", "false")), max_new_tokens=128, scorer="cobra_vsr"),

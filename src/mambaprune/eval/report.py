@@ -100,7 +100,7 @@ def merge_runs(runs: Sequence[Mapping]) -> list[dict]:
             merged.append(dict(parts[0]))
             continue
         out = dict(parts[0])
-        accuracy, metrics = {}, {}
+        accuracy, metrics, finals = {}, {}, {}
         for run in parts:
             for group, value in (run.get("accuracy") or {}).items():
                 if group in accuracy:
@@ -108,13 +108,14 @@ def merge_runs(runs: Sequence[Mapping]) -> list[dict]:
                                      f"one run per benchmark")
                 accuracy[group] = value
             metrics.update(run.get("metrics") or {})
+            finals.update(run.get("accuracy_final") or {})
         weights = [max(1, int(r.get("n_samples") or 0)) for r in parts]
 
         def wmean(key):
             pairs = [(r.get(key), w) for r, w in zip(parts, weights) if r.get(key) is not None]
             return sum(v * w for v, w in pairs) / sum(w for _, w in pairs) if pairs else None
 
-        out.update(accuracy=accuracy, metrics=metrics,
+        out.update(accuracy=accuracy, metrics=metrics, accuracy_final=finals,
                    average=_mean([v for v in accuracy.values() if v is not None]),
                    n_samples=sum(int(r.get("n_samples") or 0) for r in parts),
                    n_errors=sum(int(r.get("n_errors") or 0) for r in parts),
@@ -358,9 +359,10 @@ def _benchmarks(runs: Sequence[Mapping], benchmarks) -> list[str]:
             seen.setdefault(g, None)
     if benchmarks is None:
         return list(seen)
+    finals = {k for r in runs for k in (r.get("accuracy_final") or {})}
     out = []
     for b in benchmarks:
-        if b in seen:
+        if b in seen or b in finals:
             out.append(b)
             continue
         matches = [g for g in seen if ":" in g and g.split(":", 1)[1] == b]
@@ -408,7 +410,7 @@ def _mean(xs: Sequence[float]) -> float | None:
 
 
 def _scores(run: Mapping, benchmarks: Sequence[str]) -> list[float | None]:
-    acc = _accuracy(run)
+    acc = {**(run.get("accuracy_final") or {}), **_accuracy(run)}
     return [None if acc.get(b) is None else float(acc[b]) for b in benchmarks]
 
 

@@ -116,6 +116,7 @@ def run_eval(config: EvalConfig, progress: bool = True, model=None) -> dict | No
                 max_new = declared.max_new_tokens or model.spec.max_new_tokens_for(task)
             state["max_new_tokens"] = max_new
             state["protocol"] = protocol.name
+            state["final"] = declared.final
             with open(records_path, "a", encoding="utf-8") as f:
                 loop = SampleLoop(config, model, pruner, device, max_new, f, task=declared)
                 loop.warm_up([s for _, s in pending], config.warmup)
@@ -154,6 +155,7 @@ def run_eval(config: EvalConfig, progress: bool = True, model=None) -> dict | No
             summary = summarize_records(
                 records, config,
                 protocol=protocols[0] if protocols else config.protocol,
+                final=next((s["final"] for s in states if s.get("final")), None),
                 max_new_tokens=budgets[0] if budgets else config.max_new_tokens,
                 total_s=max(s.get("total_s", 0.0) for s in states),
                 peak_mem_mb=max(peaks) if peaks else None,

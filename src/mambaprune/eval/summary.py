@@ -32,7 +32,8 @@ def _answerable_split(recs: Sequence[dict]) -> dict:
     return out
 
 
-def summarize_records(records: Sequence[dict], config: EvalConfig | dict, **extra) -> dict:
+def summarize_records(records: Sequence[dict], config: EvalConfig | dict, final: str | None = None,
+                      **extra) -> dict:
     """The summary of a run from its records (in dataset order); ``extra`` adds or overrides keys.
 
     Keys: ``config``, ``label``, ``n_samples`` (records, errors included), ``n_errors``, ``n_scored``,
@@ -44,7 +45,8 @@ def summarize_records(records: Sequence[dict], config: EvalConfig | dict, **extr
     ``decode_ms_per_token_mean`` (all decoding time / all decoding steps), ``timing_protocol``, ``scorer`` (the
     metric names the records were scored with). ``average`` over POPE's three splits (groups) is POPE-final as
     vlm-evaluation reports it (the mean of the split accuracies); a group of VizWiz questions also gets
-    ``accuracy_answerable`` / ``accuracy_unanswerable`` in ``metrics``.
+    ``accuracy_answerable`` / ``accuracy_unanswerable`` in ``metrics``. With ``final`` (a protocol task's, e.g.
+    ``"pope"``), ``accuracy_final`` is ``{final: average}``, the column a paper's table shows for the dataset.
     """
     from ..eval.metrics import get_metric
 
@@ -92,5 +94,7 @@ def summarize_records(records: Sequence[dict], config: EvalConfig | dict, **extr
         "timing_protocol": TIMING_PROTOCOL,
         "scorer": sorted({r["metric"] for r in records if r.get("metric")}),
     }
+    if final is not None:
+        out["accuracy_final"] = {final: out["average"]}
     out.update(extra)
     return out
