@@ -98,7 +98,15 @@ def test_vsr():
 
 
 def test_metric_table():
-    assert set(METRICS) == {"vqa_accuracy", "exact_match", "pope", "vsr"}
+    from mambaprune.eval.metrics import OFFICIAL_DATASETS
+    from mambaprune.eval.upstream_scorers import UPSTREAM_SCORERS
+
+    assert set(METRICS) == ({"vqa_accuracy", "exact_match", "pope", "vsr"}
+                            | {f"{d}_official" for d in OFFICIAL_DATASETS} | set(UPSTREAM_SCORERS))
+    # the protocols' scorers: official POPE summarises as evaluate.py does (precision etc.), the others by the mean
+    assert set(get_metric("pope_official").summarize(["yes", "no"], [["yes"], ["yes"]])) == {
+        "accuracy", "precision", "recall", "f1", "yes_ratio"}
+    assert get_metric("gqa_official").summarize(["Yes", "yes"], [["yes"], ["yes"]]) == {"accuracy": 0.5}
     assert get_metric("pope").score("No.", ["no"]) == 1.0
     summary = get_metric("vqa_accuracy").summarize(["2", "cat"], [["2"] * 10, ["2"] * 10])
     assert summary == {"accuracy": pytest.approx(0.5)}
