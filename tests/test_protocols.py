@@ -225,7 +225,11 @@ def test_records_and_summary_name_the_protocol_and_scorer(data, tmp_path):
     assert {r["metric"] for r in records} == {"vqa_accuracy"}  # official's "*": the sample's own metric
     assert all(r["prompt"] == f"Q: {r['question']} A:" for r in records)
     run = json.loads((tmp_path / "run" / "run.json").read_text())
-    assert run["config"]["protocol"] is None
+    assert run["config"]["protocol"] is None and (run["protocol"], run["scorer"]) == ("official", "sample")
+    config = EvalConfig(model=fx.__name__ + ":load_tiny", data="synthvqa:count", data_root=str(data),
+                        out=str(tmp_path / "run"), protocol="test-no-eos", warmup=0, limit=1)
+    with pytest.raises(ValueError, match="holds another run"):   # another protocol never mixes with the records
+        run_eval(config, progress=False)
 
 
 def test_a_table_does_not_merge_runs_of_different_protocols_without_saying_so():

@@ -132,6 +132,19 @@ def check_run_json(out: Path, config: EvalConfig, world_size: int) -> None:
                                    "world_size": world_size}, indent=2) + "\n")
 
 
+def record_protocol(out: Path, protocol: str, scorer: str) -> None:
+    """Add the evaluation protocol and the task's scorer, resolved once the model is known, to ``run.json``; a
+    folder whose records were answered under another protocol is refused (one line naming both)."""
+    path = out / "run.json"
+    run = json.loads(path.read_text(encoding="utf-8"))
+    if run.get("protocol") not in (None, protocol):
+        raise ValueError(f"{out} holds a run under protocol {run['protocol']!r}, this one is {protocol!r}; use "
+                         "another output folder or the same protocol")
+    if run.get("protocol") != protocol or run.get("scorer") != scorer:
+        run.update(protocol=protocol, scorer=scorer)
+        write_atomic(path, json.dumps(run, indent=2) + "\n")
+
+
 def read_state(path: Path) -> dict:
     """The contents of a ``state*.json`` file; ``{}`` when it is missing or unreadable."""
     try:

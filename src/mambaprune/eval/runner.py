@@ -34,7 +34,7 @@ from .config import DTYPES, EvalConfig, method_label, resolve_loader, validate
 from .distributed import barrier, dist_setup, dist_teardown, pick_device, rank_suffix, shard
 from .loop import SampleLoop
 from .protocols import default_protocol, get_protocol
-from .records import check_run_json, read_records, read_state, write_atomic
+from .records import check_run_json, read_records, read_state, record_protocol, write_atomic
 from .summary import summarize_records
 
 __all__ = ["load_named_model", "run_eval"]
@@ -116,6 +116,8 @@ def run_eval(config: EvalConfig, progress: bool = True, model=None) -> dict | No
                 max_new = declared.max_new_tokens or model.spec.max_new_tokens_for(task)
             state["max_new_tokens"] = max_new
             state["protocol"] = protocol.name
+            if rank == 0:
+                record_protocol(out, protocol.name, declared.scorer)
             state["final"] = declared.final
             with open(records_path, "a", encoding="utf-8") as f:
                 loop = SampleLoop(config, model, pruner, device, max_new, f, task=declared)
