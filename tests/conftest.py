@@ -1,5 +1,6 @@
 """Shared helpers: small random Mamba models, ours and transformers' with the same weights."""
 import math
+import os
 
 import pytest
 import torch
@@ -7,6 +8,7 @@ import torch
 from mambaprune.models.checkpoints import from_transformers_model
 
 torch.set_num_threads(2)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")    # a repo id in a test never downloads (mambaprune.models.hub)
 
 
 @pytest.fixture(scope="module")

@@ -31,9 +31,9 @@ def data(tmp_path_factory):
 def test_eval_rejects_bad_settings_before_loading(data, tmp_path, capsys, flags, needle):
     args = ["eval", "--model", "runner_fixture_model:load_forbidden", "--data", "synthvqa",
             "--data-root", str(data), "--out", str(tmp_path / "run"), "--no-progress"]
-    with pytest.raises(SystemExit) as e:
-        main(args + flags)                      # load_forbidden raises RuntimeError if the model is loaded
-    assert needle in str(e.value) and str(e.value).startswith("mambaprune eval:")
+    assert main(args + flags) == 2              # load_forbidden raises RuntimeError if the model is loaded
+    err = capsys.readouterr().err
+    assert needle in err and err.startswith("mambaprune eval: error: ") and err.count("\n") == 1
 
 
 def test_eval_yaml_config_with_flag_override_then_table(data, tmp_path, capsys):
@@ -53,5 +53,6 @@ def test_eval_yaml_config_with_flag_override_then_table(data, tmp_path, capsys):
     assert main(["table", str(out_b), str(out_a), "--kind", "efficiency"]) == 0
     assert "Prefill" in capsys.readouterr().out
     (tmp_path / "empty").mkdir()
-    with pytest.raises(SystemExit, match="no summary.json"):
-        main(["table", str(tmp_path / "empty")])
+    assert main(["table", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mambaprune table: error: ") and "no summary.json" in err and err.count("\n") == 1

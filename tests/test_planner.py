@@ -454,8 +454,11 @@ def test_plan_command_writes_a_policy_that_eval_runs(data, tmp_path, capsys):
     assert (cfg.method, cfg.params) == (policy["method"], policy["params"])
     cfg = config_from_args(eval_args("--policy", str(out), "--param", "seed=3", *common))
     assert cfg.params == {**policy["params"], "seed": 3}
-    cfg = config_from_args(eval_args("--policy", str(out), "--method", "fastv", "--param", "layer=2", *common))
-    assert (cfg.method, cfg.params) == ("fastv", {"layer": 2})
+    # a --method or --param contradicting the policy is an error (it would change or drop the planned policy)
+    with pytest.raises(ValueError, match="--method fastv contradicts --policy"):
+        config_from_args(eval_args("--policy", str(out), "--method", "fastv", "--param", "layer=2", *common))
+    cfg = config_from_args(eval_args("--policy", str(out), "--method", policy["method"], *common))
+    assert (cfg.method, cfg.params) == (policy["method"], policy["params"])
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"params": {}}))
     with pytest.raises(ValueError, match="method"):

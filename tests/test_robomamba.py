@@ -87,9 +87,10 @@ def test_projector_only_checkpoint_with_pretrained_folders(robo, files, tmp_path
     assert_same_weights(loaded.vision.model, robo.vision.model)
     assert_same_weights(loaded.lm, robo.lm)
     assert_same_weights(loaded.projector, robo.projector)
-    for missing, needle in (({"llm_dir": files["llm_dir"]}, "no CLIP tensors"),
+    for missing, needle in (({"llm_dir": files["llm_dir"]},
+                             r"no CLIP tensors .*give clip_dir \(openai/clip-vit-large-patch14"),
                             ({"clip_dir": files["clip_dir"], "tokenizer_dir": files["llm_dir"]},
-                             "no language-model tensors")):
+                             r"no language-model tensors .*give llm_dir \(state-spaces/mamba-2\.8b-hf")):
         with pytest.raises(CheckpointError, match=needle):
             load_robomamba(tmp_path / "proj.pth", **missing)
 

@@ -5,11 +5,21 @@ resumable, ``torchrun``-shardable), ``table`` (runs -> the paper's Tables 1 and 
 ``calibrate`` (DTP's Std curve and layers), ``analyze`` (the figures for one sample), ``flops`` (the LM cost of
 pruning settings, the paper's presets included), ``plan`` (a budgeted policy search), ``synth`` (write SynthVQA),
 ``train-testbed``, ``bench``.
+
+Errors a user can fix (a bad setting, a missing file or folder, weights not found: :data:`EXPECTED_ERRORS`) are one
+line on stderr, ``mambaprune <command>: error: <message>``, with exit status 2 (as argparse's usage errors); set
+``MAMBAPRUNE_TRACEBACK=1`` to see the traceback instead.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+
+#: The errors :func:`main` prints as one line (exit status 2) instead of a traceback: ValueError (a bad setting or
+#: value; :class:`~mambaprune.models.checkpoints.CheckpointError` and :class:`~mambaprune.models.hub.HubError` are
+#: ValueErrors) and FileNotFoundError (a data folder, annotation file, image or weights file that is not there).
+EXPECTED_ERRORS = (ValueError, FileNotFoundError)
 
 
 def _run_benchmark(run, settings, format_result, json_path) -> int:
@@ -117,7 +127,7 @@ def _calibrate(args) -> int:
 
     samples = load_dataset(args.data, args.data_root, args.split)
     if not samples:
-        raise SystemExit(f"mambaprune: no samples in {args.data} ({args.split}) under {args.data_root}")
+        raise ValueError(f"no samples in {args.data} ({args.split}) under {args.data_root}")
     result = calibrate(_load(args), spread(samples, args.samples), args.out, signal=args.signal)
     std = ", ".join(f"{v:.4f}" for v in result["std"])
     print(f"Std per layer ({result['signal']}, {result['n_samples']} samples): {std}")
@@ -134,7 +144,7 @@ def _analyze(args) -> int:
 
     samples = load_dataset(args.data, args.data_root, args.split)
     if not 0 <= args.index < len(samples):
-        raise SystemExit(f"mambaprune: --index {args.index} is outside the {len(samples)} samples")
+        raise ValueError(f"--index {args.index} is outside the {len(samples)} samples")
     paths = analysis_figures(_load(args), samples[args.index], args.out, method=args.method,
                              params=dict(args.param or []))
     for name, path in paths.items():
@@ -146,11 +156,8 @@ def _eval(args) -> int:
     from .eval.cli import config_from_args
     from .eval.runner import run_eval
 
-    try:
-        config = config_from_args(args)
-        summary = run_eval(config, progress=not args.no_progress)
-    except ValueError as e:
-        raise SystemExit(f"mambaprune eval: {e}") from None
+    config = config_from_args(args)
+    summary = run_eval(config, progress=not args.no_progress)
     if summary is not None:
         acc = ", ".join(f"{g} {v:.1f}" if v is not None else f"{g} -" for g, v in summary["accuracy"].items())
         print(f"{summary['label']}: {summary['n_samples']} samples ({summary['n_errors']} errors)\n"
@@ -165,25 +172,22 @@ def _eval(args) -> int:
 def _table(args) -> int:
     from .eval import report
 
-    try:
-        runs = report.load_runs(args.runs)
-        if args.kind != "sweep" and not args.no_merge:
-            runs = report.merge_runs(runs)
-        if args.kind == "accuracy":
-            table = report.accuracy_table(runs, flops_unit=args.flops_unit, levels=args.levels, title=args.title)
-        elif args.kind == "efficiency":
-            table = report.efficiency_table(runs, flops_unit=args.flops_unit, title=args.title)
-        else:
-            table = report.sweep_table(runs, param=args.param, title=args.title)
-    except ValueError as e:
-        raise SystemExit(f"mambaprune table: {e}") from None
+    runs = report.load_runs(args.runs)
+    if args.kind != "sweep" and not args.no_merge:
+        runs = report.merge_runs(runs)
+    if args.kind == "accuracy":
+        table = report.accuracy_table(runs, flops_unit=args.flops_unit, levels=args.levels, title=args.title)
+    elif args.kind == "efficiency":
+        table = report.efficiency_table(runs, flops_unit=args.flops_unit, title=args.title)
+    else:
+        table = report.sweep_table(runs, param=args.param, title=args.title)
     print(table.to_markdown())
     if args.out:
         paths = table.save(args.out)
         print("\nwritten " + ", ".join(str(p) for p in paths))
     if args.plot:
         if args.kind != "sweep":
-            raise SystemExit("mambaprune table: --plot draws the keep-ratio curve; use it with --kind sweep")
+            raise ValueError("--plot draws the keep-ratio curve; use it with --kind sweep")
         print(f"written {report.plot_sweep(runs, args.plot, param=args.param)}")
     return 0
 
@@ -191,13 +195,8 @@ def _table(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    from .models.checkpoints import CheckpointError
-
-    try:
-        run_demo(args.out, per_family=args.per_family, calib_samples=args.calib_samples, sweep=not args.no_sweep,
-                 model_name=args.model, model_args=dict(args.model_arg or []))
-    except CheckpointError as e:
-        raise SystemExit(f"mambaprune demo: {e}") from None
+    run_demo(args.out, per_family=args.per_family, calib_samples=args.calib_samples, sweep=not args.no_sweep,
+             model_name=args.model, model_args=dict(args.model_arg or []))
     return 0
 
 
@@ -319,8 +318,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Run one sub-command; its exit status. An expected error (:data:`EXPECTED_ERRORS`, or a command's own
+    ``SystemExit`` message) is printed as ``mambaprune <command>: error: <message>`` on one line of stderr and
+    gives 2."""
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except EXPECTED_ERRORS as e:
+        if os.environ.get("MAMBAPRUNE_TRACEBACK", "").strip() not in ("", "0"):
+            raise
+        message = str(e)
+    except SystemExit as e:                     # e.g. `mambaprune plan`'s own "mambaprune plan: ..." message
+        if not isinstance(e.code, str):
+            raise
+        message = e.code
+        for prefix in (f"mambaprune {args.command}: ", "mambaprune: "):
+            message = message.removeprefix(prefix)
+    print(f"mambaprune {args.command}: error: {' '.join(message.split())}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

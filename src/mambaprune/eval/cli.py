@@ -64,7 +64,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--param", action="append", type=key_value, default=None, metavar="KEY=VALUE",
       help="a parameter of the method (repeatable), e.g. --param keep_ratio=0.5")
     a("--policy", default=None, metavar="FILE",
-      help="a policy JSON (`mambaprune plan --out`): its method and params; --method/--param override them")
+      help="a policy JSON (`mambaprune plan --out`): its method and params; --param may add parameters the "
+           "policy does not set, and a --method or --param that contradicts it is an error")
     a("--data", default=None, help="dataset name, e.g. synthvqa, synthvqa:read, pope:adversarial")
     a("--data-root", default=None, help="the dataset's folder")
     a("--split", default=None, help="dataset split (default: the dataset's)")
@@ -119,15 +120,24 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     """An :class:`EvalConfig` from parsed :func:`add_eval_arguments` flags over the ``--config`` file.
 
     ``--policy FILE`` sets ``method`` and ``params`` from the policy (over the config file's); ``--param`` flags
-    are merged over the policy's params, and a ``--method`` other than the policy's makes the policy unused
-    (its params belong to its own method)."""
+    may add parameters the policy does not set (e.g. ``seed``). A ``--method`` other than the policy's, or a
+    ``--param`` giving one of the policy's parameters another value, is a ValueError naming both: the policy would
+    otherwise be silently changed or ignored. Only flags given on the command line count (their defaults are None)."""
     settings = load_config_file(args.config) if getattr(args, "config", None) else {}
     settings = dict(settings)
     policy = getattr(args, "policy", None)
     if policy:
         method, params = load_policy_file(policy)
-        if getattr(args, "method", None) in (None, method):
-            settings["method"], settings["params"] = method, params
+        given = getattr(args, "method", None)
+        if given is not None and given != method:
+            raise ValueError(f"--method {given} contradicts --policy {policy}, whose method is {method!r}: give one "
+                             "of them")
+        clashes = [f"{k}={v!r} (the policy has {params[k]!r})" for k, v in (getattr(args, "param", None) or [])
+                   if k in params and params[k] != v]
+        if clashes:
+            raise ValueError(f"--param {', '.join(clashes)} contradicts --policy {policy}: leave the policy's "
+                             "parameters as planned, or give --method and --param without --policy")
+        settings["method"], settings["params"] = method, params
     new_method = getattr(args, "method", None)
     if new_method is not None and new_method != settings.get("method", "none"):
         settings.pop("params", None)              # the file's params belong to the file's method

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-__all__ = ["DTYPES", "EvalConfig", "method_label", "resolve_loader", "validate"]
+__all__ = ["DTYPES", "EvalConfig", "check_device", "method_label", "resolve_loader", "validate"]
 
 #: The precisions a run accepts (``EvalConfig.dtype``), by name.
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
@@ -91,6 +91,31 @@ def _int_setting(value, name: str, lo: int, allow_none: bool = False):
         raise ValueError(f"{name} must be an integer >= {lo}{' or None' if allow_none else ''}, got {value!r}")
 
 
+def check_device(name) -> None:
+    """Refuse (ValueError, one line) a device that torch cannot name, or one this machine does not have: ``cuda``
+    without a CUDA device (or ``cuda:N`` beyond the ones there are), ``mps`` without Apple's MPS backend. None (the
+    default device) passes."""
+    if name is None:
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"invalid device {name!r}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: torch reports no CUDA device (torch.cuda.is_available() is False); "
+                             "use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: torch reports {count} CUDA device{'s' if count != 1 else ''} "
+                             f"(cuda:0{f' to cuda:{count - 1}' if count > 1 else ''})")
+    elif device.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ValueError(f"--device {name}: torch reports no MPS device (torch.backends.mps.is_available() is "
+                             "False); use --device cpu")
+
+
 def resolve_loader(name: str) -> Callable:
     """The loader function of a model: registered under ``name``, or ``"module.path:function"`` imported."""
     if not isinstance(name, str) or not name:
@@ -148,7 +173,8 @@ def validate(config: EvalConfig):
 
     A ValueError names the bad value: an unknown method or parameter, a parameter value the method refuses
     (``keep_ratio`` must be in (0, 1]), an unknown dataset, variant or split, ``limit``/``batch_size`` < 1,
-    ``warmup`` < 0, ``max_new_tokens`` < 1, an unknown dtype or device, an unknown model. When the model's loader
+    ``warmup`` < 0, ``max_new_tokens`` < 1, an unknown dtype, a device torch cannot name or this machine does not
+    have (:func:`check_device`), an unknown model. When the model's loader
     has a ``describe`` attribute (called with ``model_args``, returning at least ``{"n_layer": ...}`` without
     loading weights) the method's layers are resolved against that depth here (e.g. DTP's late layer before its
     early layer, a layer outside the model); otherwise :func:`~mambaprune.eval.runner.run_eval` checks them right
@@ -171,11 +197,7 @@ def validate(config: EvalConfig):
     _int_setting(config.seed, "seed", 0)
     if config.dtype is not None and config.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {config.dtype!r}; known: {', '.join(DTYPES)}")
-    if config.device is not None:
-        try:
-            torch.device(config.device)
-        except (RuntimeError, TypeError) as e:
-            raise ValueError(f"invalid device {config.device!r}: {e}") from None
+    check_device(config.device)
     if config.protocol is not None:
         from .protocols import get_protocol
 

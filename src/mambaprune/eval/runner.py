@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from .config import DTYPES, EvalConfig, method_label, resolve_loader, validate
+from .config import DTYPES, EvalConfig, check_device, method_label, resolve_loader, validate
 from .distributed import barrier, dist_setup, dist_teardown, pick_device, rank_suffix, shard
 from .loop import SampleLoop
 from .protocols import default_protocol, get_protocol
@@ -44,9 +44,11 @@ def load_named_model(name: str, model_args: dict | None = None, device=None, dty
                      seed: int = 0):
     """The model ``name`` (see :func:`~mambaprune.eval.config.resolve_loader`) built with ``model_args`` under
     ``seed``, moved to ``device`` and ``dtype`` (one of :data:`~mambaprune.eval.config.DTYPES`' names) when given,
-    in eval mode."""
+    in eval mode. An unknown dtype, or a device this machine does not have
+    (:func:`~mambaprune.eval.config.check_device`), is a ValueError before anything is loaded."""
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPES)}")
+    check_device(device)
     torch.manual_seed(seed)
     model = resolve_loader(name)(**(model_args or {}))
     if device is not None:

@@ -29,11 +29,8 @@ from typing import Collection
 import torch
 import torch.nn as nn
 
+from .errors import CheckpointError
 from .mamba_lm import MambaConfig, MambaLM
-
-
-class CheckpointError(ValueError):
-    """A checkpoint folder or file that cannot be loaded as asked; the message says what is wrong."""
 
 
 # ---------------------------------------------------------------------------- files
@@ -226,8 +223,11 @@ def from_transformers_model(hf_model) -> MambaLM:
 
 def load_mamba_lm(folder, dtype: torch.dtype | None = None, device=None) -> MambaLM:
     """A :class:`MambaLM` from a transformers ``MambaForCausalLM`` folder or a mamba_ssm folder (see the module
-    docstring), in eval mode; ``dtype`` and ``device`` where to put it (default: as read, on the CPU)."""
-    folder = Path(folder)
+    docstring), in eval mode; ``dtype`` and ``device`` where to put it (default: as read, on the CPU). ``folder``
+    may be a Hugging Face repo id (``state-spaces/mamba-2.8b-hf``; :func:`~mambaprune.models.hub.resolve_folder`)."""
+    from .hub import WEIGHT_FOLDER, resolve_folder
+
+    folder = resolve_folder(folder, allow_patterns=WEIGHT_FOLDER, weights=True)
     if not folder.is_dir():
         raise CheckpointError(f"checkpoint folder not found: {folder}")
     raw = read_json(folder / "config.json")

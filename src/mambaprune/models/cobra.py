@@ -189,23 +189,57 @@ def _read_run_config(run_dir: Path) -> dict:
     return model
 
 
+#: The folder arguments of :func:`load_cobra`: what each is, the public weights it holds and, where it is not simply
+#: the repo's id, how to name them (for error messages: :func:`~mambaprune.models.hub.check_given`).
+COBRA_FOLDERS = {
+    "run_dir": ("Cobra run folder", "the cobra+3b/ folder of han1997/cobra, with config.json and "
+                                    "checkpoints/latest-checkpoint.pt",
+                "a local copy, or the Hugging Face repo id han1997/cobra/cobra+3b"),
+    "dino_dir": ("DINOv2 tower folder", "facebook/dinov2-with-registers-large or "
+                                        "timm/vit_large_patch14_reg4_dinov2.lvd142m"),
+    "siglip_dir": ("SigLIP tower folder", "google/siglip-so400m-patch14-384"),
+    "tokenizer_dir": ("tokenizer folder", "the tokenizer of xiuyul/mamba-2.8b-zephyr"),
+}
+
+
 @register_model("cobra")
-def load_cobra(run_dir, *, dino_dir, siglip_dir, tokenizer_dir, dtype: torch.dtype | None = None,
+def load_cobra(run_dir=None, *, dino_dir=None, siglip_dir=None, tokenizer_dir=None, dtype: torch.dtype | None = None,
                device=None) -> MambaVLM:
-    """Cobra from a released run folder and local tower and tokenizer folders (nothing is downloaded).
+    """Cobra from a released run folder and the tower and tokenizer folders.
+
+    Every folder is a local path or a Hugging Face repo id resolved through the local cache
+    (:func:`~mambaprune.models.hub.resolve_folder`; an existing path always wins); only the files read are
+    downloaded, and nothing is downloaded with ``HF_HUB_OFFLINE=1``.
 
     Args:
-        run_dir: the ``cobra+3b`` folder of ``han1997/cobra`` (``config.json``, ``checkpoints/``).
+        run_dir: the ``cobra+3b`` folder of ``han1997/cobra`` (``config.json``, ``checkpoints/``); as a repo id
+            ``han1997/cobra/cobra+3b``.
         dino_dir: DINOv2 ViT-L/14 with 4 registers: transformers ``facebook/dinov2-with-registers-large``, or
             timm ``timm/vit_large_patch14_reg4_dinov2.lvd142m``.
         siglip_dir: SigLIP so400m/14 at 384 px: transformers ``google/siglip-so400m-patch14-384``, or
             weights with the names of timm's ``vit_so400m_patch14_siglip_384`` state dict.
         tokenizer_dir: the GPT-NeoX tokenizer Cobra loads with its LLM (``xiuyul/mamba-2.8b-zephyr``).
         dtype, device: where to put the model (e.g. ``torch.bfloat16``, ``"cuda"``); default fp32 on the CPU.
+
+    A folder left out or not found is a :class:`CheckpointError` naming it and the public weights it takes.
     """
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise CheckpointError(f"Cobra run folder not found: {run_dir}")
+    from .hub import TOKENIZER_FILES, WEIGHT_FOLDER, check_given, resolve_argument
+
+    check_given("cobra", COBRA_FOLDERS, dict(run_dir=run_dir, dino_dir=dino_dir, siglip_dir=siglip_dir,
+                                             tokenizer_dir=tokenizer_dir))
+    run_dir = resolve_argument("cobra", "run_dir", run_dir, COBRA_FOLDERS,
+                               allow_patterns=["config.json", "checkpoints/latest-checkpoint.pt",
+                                               "*/config.json"])     # the hint below: run folders one level down
+    dino_dir, siglip_dir = (resolve_argument("cobra", arg, value, COBRA_FOLDERS, allow_patterns=WEIGHT_FOLDER,
+                                             weights=True)
+                            for arg, value in (("dino_dir", dino_dir), ("siglip_dir", siglip_dir)))
+    tokenizer_dir = resolve_argument("cobra", "tokenizer_dir", tokenizer_dir, COBRA_FOLDERS,
+                                     allow_patterns=TOKENIZER_FILES)
+    if not (run_dir / "config.json").is_file():
+        runs = sorted(p.parent.name for p in run_dir.glob("*/config.json")) if run_dir.is_dir() else []
+        hint = f"; the run folders inside it: {', '.join(runs)} (give one of them)" if runs else ""
+        raise CheckpointError(f"{run_dir} is not a Cobra run folder: no config.json{hint} (expected: "
+                              f"{COBRA_FOLDERS['run_dir'][1]}; {COBRA_FOLDERS['run_dir'][2]})")
     model_cfg = _read_run_config(run_dir)
     ckpt = run_dir / "checkpoints" / "latest-checkpoint.pt"
     projector_state, llm_state = read_cobra_checkpoint(ckpt)

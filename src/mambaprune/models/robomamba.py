@@ -30,8 +30,6 @@ reproduces:
 """
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
 from .checkpoints import (CheckpointError, build_from_state, load_mamba_lm, mamba_config_from_state, overlay_state_,
@@ -103,10 +101,26 @@ def save_robomamba(model: MambaVLM, checkpoint, *, include_vision: bool = True, 
         model.tokenizer.save_pretrained(str(tokenizer_dir))
 
 
+#: The path arguments of :func:`load_robomamba`: what each is, the public weights it holds and, where it is not
+#: simply the repo's id, how to name them (for error messages: :func:`~mambaprune.models.hub.check_given`).
+ROBOMAMBA_FOLDERS = {
+    "checkpoint": ("RoboMamba checkpoint", "the released .pth file linked from lmzpai/roboMamba's README "
+                                           "(CLIP224+Mamba2.8b)",
+                   "a local file, or owner/name/<file> for a file in a Hugging Face repo"),
+    "clip_dir": ("CLIP tower folder", "openai/clip-vit-large-patch14"),
+    "llm_dir": ("language-model folder", "state-spaces/mamba-2.8b-hf"),
+    "tokenizer_dir": ("tokenizer folder", "the tokenizer of state-spaces/mamba-2.8b-hf"),
+}
+
+
 @register_model("robomamba")
-def load_robomamba(checkpoint, *, clip_dir=None, llm_dir=None, tokenizer_dir=None, clip_num_heads: int = 16,
+def load_robomamba(checkpoint=None, *, clip_dir=None, llm_dir=None, tokenizer_dir=None, clip_num_heads: int = 16,
                    dtype: torch.dtype | None = None, device=None) -> MambaVLM:
-    """RoboMamba from its released checkpoint file and local folders (nothing is downloaded).
+    """RoboMamba from its released checkpoint file and the pretrained folders.
+
+    Every folder is a local path or a Hugging Face repo id resolved through the local cache
+    (:func:`~mambaprune.models.hub.resolve_folder`; an existing path always wins; the checkpoint may be a file in
+    a repo, ``owner/name/file.pth``); only the files read are downloaded, nothing with ``HF_HUB_OFFLINE=1``.
 
     Args:
         checkpoint: the released ``.pth`` file (flat dict, ``LinearVLM`` key names).
@@ -118,8 +132,25 @@ def load_robomamba(checkpoint, *, clip_dir=None, llm_dir=None, tokenizer_dir=Non
         clip_num_heads: attention heads of the CLIP tower when it is built from the checkpoint's tensors alone
             (the tensors do not show it; ViT-L/14 has 16).
         dtype, device: where to put the model; default fp32 on the CPU.
+
+    A path left out or not found is a :class:`CheckpointError` naming it and the public weights it takes.
     """
-    checkpoint = Path(checkpoint)
+    from .hub import TOKENIZER_FILES, WEIGHT_FOLDER, check_given, resolve_argument
+
+    check_given("robomamba", {"checkpoint": ROBOMAMBA_FOLDERS["checkpoint"]}, {"checkpoint": checkpoint})
+    checkpoint = resolve_argument("robomamba", "checkpoint", checkpoint, ROBOMAMBA_FOLDERS, allow_patterns=())
+    if tokenizer_dir is None and llm_dir is None:
+        raise ValueError("give tokenizer_dir or llm_dir (RoboMamba's tokenizer is the one of "
+                         "state-spaces/mamba-2.8b-hf: a local folder or that Hugging Face repo id)")
+    if clip_dir is not None:
+        clip_dir = resolve_argument("robomamba", "clip_dir", clip_dir, ROBOMAMBA_FOLDERS,
+                                    allow_patterns=WEIGHT_FOLDER, weights=True)
+    if llm_dir is not None:
+        llm_dir = resolve_argument("robomamba", "llm_dir", llm_dir, ROBOMAMBA_FOLDERS,
+                                   allow_patterns=WEIGHT_FOLDER + TOKENIZER_FILES, weights=True)
+    if tokenizer_dir is not None:
+        tokenizer_dir = resolve_argument("robomamba", "tokenizer_dir", tokenizer_dir, ROBOMAMBA_FOLDERS,
+                                         allow_patterns=TOKENIZER_FILES)
     parts = split_prefixed(read_state_file(checkpoint), [VISION_PREFIX, LLM_PREFIX, PROJECTOR_PREFIX],
                            str(checkpoint))
     if not parts[PROJECTOR_PREFIX]:
@@ -136,7 +167,8 @@ def load_robomamba(checkpoint, *, clip_dir=None, llm_dir=None, tokenizer_dir=Non
     elif vision_state:
         clip_model = model_from_timm("clip", vision_state, num_heads=clip_num_heads, source=source)
     else:
-        raise CheckpointError(f"{checkpoint} holds no CLIP tensors ({VISION_PREFIX}*); give clip_dir")
+        raise CheckpointError(f"{checkpoint} holds no CLIP tensors ({VISION_PREFIX}*); give clip_dir "
+                              f"({ROBOMAMBA_FOLDERS['clip_dir'][1]}: a local folder or that Hugging Face repo id)")
 
     llm_state, source = to_internal_keys(parts[LLM_PREFIX]), f"{checkpoint} ({LLM_PREFIX}*)"
     if llm_dir is not None:
@@ -146,10 +178,9 @@ def load_robomamba(checkpoint, *, clip_dir=None, llm_dir=None, tokenizer_dir=Non
     elif llm_state:
         lm = build_from_state(MambaLM, mamba_config_from_state(llm_state, source), llm_state, source)
     else:
-        raise CheckpointError(f"{checkpoint} holds no language-model tensors ({LLM_PREFIX}*); give llm_dir")
+        raise CheckpointError(f"{checkpoint} holds no language-model tensors ({LLM_PREFIX}*); give llm_dir "
+                              f"({ROBOMAMBA_FOLDERS['llm_dir'][1]}: a local folder or that Hugging Face repo id)")
 
-    if tokenizer_dir is None and llm_dir is None:
-        raise ValueError("give tokenizer_dir (RoboMamba's tokenizer is the one of state-spaces/mamba-2.8b-hf)")
     tokenizer = load_tokenizer(tokenizer_dir if tokenizer_dir is not None else llm_dir)
     model = build_robomamba(ViTTower("clip", clip_model, resize="resize-crop"), projector, lm, tokenizer)
     if dtype is not None or device is not None:

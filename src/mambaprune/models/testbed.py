@@ -247,8 +247,12 @@ def read_testbed_config(folder) -> tuple[TestbedConfig, dict]:
 
 
 def testbed_folder(folder=None) -> Path:
-    """``folder``, or the shipped testbed's; a :class:`CheckpointError` saying how to get one if it is missing."""
-    folder = Path(folder) if folder is not None else TESTBED_DIR
+    """``folder`` (a local folder or a Hugging Face repo id, :func:`~mambaprune.models.hub.resolve_folder`), or the
+    shipped testbed's; a :class:`CheckpointError` saying how to get one if it is missing."""
+    from .hub import WEIGHT_FOLDER, resolve_folder
+
+    folder = resolve_folder(folder, allow_patterns=WEIGHT_FOLDER, weights=True, what="testbed folder") \
+        if folder is not None else TESTBED_DIR
     if folder == TESTBED_DIR and not (folder / "model.safetensors").is_file():
         raise CheckpointError(
             f"no trained testbed is shipped in {folder} yet; train one with `mambaprune synth --out SYNTH "

@@ -421,7 +421,8 @@ def load_vit_model(kind: str, path, *, image_size: int | None = None, num_heads:
                    **config_overrides) -> nn.Module:
     """The transformers vision model of ``kind`` from a local transformers folder or timm-layout weights.
 
-    ``path`` is a transformers folder (``config.json`` + weights; a SigLIP/CLIP dual-encoder folder loads its
+    ``path`` (a local path, or a Hugging Face repo id: :func:`~mambaprune.models.hub.resolve_folder`) is a
+    transformers folder (``config.json`` + weights; a SigLIP/CLIP dual-encoder folder loads its
     vision half), a timm folder (``config.json`` with ``"architecture"``, weights in ``model.safetensors`` or
     ``pytorch_model.bin``), or a timm weights file. For timm weights the architecture is read from the tensor
     shapes except the number of heads: ``model_args.num_heads`` of the timm config if given, else ``num_heads``
@@ -430,8 +431,10 @@ def load_vit_model(kind: str, path, *, image_size: int | None = None, num_heads:
     (:func:`resample_dinov2_positions_`); the other kinds must be used at their own size.
     Every tensor is checked: a missing, unexpected or mis-shaped one raises :class:`CheckpointError`.
     """
+    from .hub import WEIGHT_FOLDER, resolve_folder
+
     tower_kind(kind)
-    path = Path(path)
+    path = resolve_folder(path, allow_patterns=WEIGHT_FOLDER, weights=True, what=f"{kind} tower")
     if path.is_file():
         model = model_from_timm(kind, read_state_file(path), num_heads=num_heads, source=str(path),
                                 **config_overrides)
