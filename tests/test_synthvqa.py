@@ -373,5 +373,6 @@ def test_missing_files_and_bad_names_are_named(tmp_path):
     _write(tmp_path / "bad/test.jsonl", [{"image": "x.jpg", "caption": "c"}], lines=True)
     with pytest.raises(ValueError, match="lacks label"):
         load_dataset("vsr", tmp_path / "bad")
-    assert {"gqa", "vqav2", "okvqa", "textvqa", "vizwiz", "pope", "vsr", "vsr:random", "synthvqa"} | {
+    assert {"gqa", "vqav2", "okvqa", "textvqa", "textvqa:ocr", "vizwiz", "pope", "pope:random", "pope:popular",
+            "pope:adversarial", "vsr", "vsr:random", "synthvqa"} | {
         f"synthvqa:{f}" for f in FAMILIES} == set(available_datasets())

@@ -49,11 +49,12 @@ import json
 import os
 import re
 import string
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
-from . import synthvqa
+from . import synthvqa, vlm_eval
+from .common import VSR_PROMPT, Sample, _check_images_root, _inside, _load_json
 
 __all__ = [
     "VSR_PROMPT",
@@ -72,46 +73,11 @@ __all__ = [
     "resolve_dataset",
 ]
 
-#: The question a VSR caption is asked as; the expected answer is "true" or "false".
-VSR_PROMPT = "Is this statement true or false? {caption}"
-
 _SUBFOLDERS = ("", "questions", "annotations", "Questions", "Annotations", "splits")
 _SPLIT_NAME = re.compile(r"[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*")
 
 
-@dataclass
-class Sample:
-    """One evaluation item.
-
-    ``id`` is unique within the loaded dataset; ``image`` an absolute path inside the data folder; ``answers`` the
-    reference answers (10 humans for VQA-accuracy datasets, one label otherwise); ``metric`` a key of
-    :data:`mambaprune.eval.metrics.METRICS`; ``group`` the reporting unit; ``extra`` format-specific fields;
-    ``ocr_tokens`` the OCR tokens a TextVQA file gives for the image (None: not given); ``answerable`` VizWiz's
-    answerable flag (None: not a VizWiz sample).
-    """
-
-    id: str
-    image: Path
-    question: str
-    answers: list[str]
-    metric: str
-    group: str
-    extra: dict = field(default_factory=dict)
-    ocr_tokens: list[str] | None = None
-    answerable: bool | None = None
-
-
 # --- file helpers ---------------------------------------------------------------------------------------------------
-
-def _inside(root: Path, rel: str, what: str) -> Path:
-    """``root / rel``, refused (ValueError) when it leaves ``root``; checked on the path's text, so links placed
-    inside the folder by the user are followed."""
-    base = os.path.abspath(root)
-    path = os.path.normpath(os.path.join(base, rel))
-    if os.path.commonpath([base, path]) != base:
-        raise ValueError(f"{what} path {rel!r} escapes the data folder {base}")
-    return Path(path)
-
 
 def _image(root: Path, template: str, record: dict, images_root: Path | None = None, **more) -> Path:
     """The image path ``template`` formatted with a record's fields; a field holding an absolute path is refused
@@ -156,13 +122,6 @@ def _annotation(root: Path, given: str | None, names: Sequence[str], dataset: st
     return path
 
 
-def _load_json(path: Path):
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{path} is not valid JSON: {err}") from None
-
-
 def _load_jsonl(path: Path) -> list[dict]:
     records = []
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
@@ -181,15 +140,6 @@ def _fields(record, keys: tuple[str, ...], path: Path, where) -> tuple:
     if missing:
         raise ValueError(f"{path}: record {where} lacks {', '.join(missing)}")
     return tuple(record[k] for k in keys)
-
-
-def _check_images_root(images_root, samples: Sequence[Sample], dataset: str) -> None:
-    """One FileNotFoundError line when an images folder was given and is not there, naming files expected in it."""
-    if images_root is None or Path(images_root).is_dir():
-        return
-    names = list(dict.fromkeys(s.image.name for s in samples[:3]))
-    raise FileNotFoundError(f"{dataset}: images folder {images_root} not found"
-                            + (f" (it should hold the annotated images, e.g. {', '.join(names)})" if names else ""))
 
 
 def _check_split(split: str) -> str:
@@ -486,8 +436,6 @@ def resolve_dataset(name: str, split: str | None = None) -> tuple[DatasetSpec, s
     Raises ValueError naming the bad value: an unknown dataset or variant, or a split the dataset does not have.
     A dataset vlm-evaluation prepares also takes ``slim-<n>`` (its ``metadata-slim-<n>.json``).
     """
-    from . import vlm_eval
-
     base, _, variant = name.partition(":")
     spec = _REGISTRY.get(base)
     if spec is None:
@@ -504,8 +452,6 @@ def resolve_dataset(name: str, split: str | None = None) -> tuple[DatasetSpec, s
 
 def _expected(name: str, split: str) -> str:
     """The files a data folder for ``name`` / ``split`` should hold, in words (for one-line errors)."""
-    from . import vlm_eval
-
     base, _, variant = name.partition(":")
     own = {
         "gqa": f"{split}_questions.json",
@@ -542,8 +488,6 @@ def load_dataset(name: str, root: str | os.PathLike, split: str | None = None, *
 def _release_or_vlm_eval(name: str, root: Path, split: str, images_root, read_release: Callable[[], list[Sample]]):
     """A vlm-evaluation root's metadata when ``root/datasets/<family>/`` holds one, else the dataset's own release;
     a missing file is one error line naming both layouts' files."""
-    from . import vlm_eval
-
     if vlm_eval.is_vlm_eval_root(root, name):
         return vlm_eval.read_vlm_eval(root, name, split, images_root=images_root)
     if vlm_eval.SLIM.fullmatch(split):

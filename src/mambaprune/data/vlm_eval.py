@@ -49,7 +49,7 @@ import re
 from pathlib import Path
 
 from . import synthvqa
-from .readers import VSR_PROMPT, Sample, _check_images_root, _inside, _load_json
+from .common import VSR_PROMPT, Sample, _check_images_root, _inside, _load_json
 
 __all__ = ["FAMILIES", "SLIM", "expected_file", "index_file", "is_vlm_eval_root", "read_vlm_eval"]
 
