@@ -110,6 +110,21 @@ def test_the_official_protocol_is_the_models_own_prompt():
                    "camera\nAnswer the question using a single word or phrase.<|endoftext|>\n<|assistant|>\n")
 
 
+def test_robomamba_answer_line_as_its_judges_read_it():
+    """test.py l. 386-388 writes ``answer.strip().replace('\\n', ' ')``; the judges read the file back by lines, so a
+    carriage return ends the answer, and ``line.strip()`` drops what precedes it; VQAv2 / OK-VQA / VizWiz keep the
+    text before the first "Answer:" (test.py l. 205-281)."""
+    from mambaprune.eval.protocols import postprocess
+    from mambaprune.eval.upstream_scorers import robomamba_answer_text
+
+    vqa, gqa = get_protocol("robomamba").task_for("vqav2"), get_protocol("robomamba").task_for("gqa")
+    for text in (" yes\nQuestion: What? Answer: no", "two \rdogs", "\n red Answer:blue\n", "cat"):
+        assert postprocess(vqa, text) == robomamba_answer_text(text, "vqav2")
+        assert postprocess(gqa, text) == robomamba_answer_text(text, "gqa")
+    assert postprocess(vqa, " yes\nQuestion: What? Answer: no") == "yes Question: What? "
+    assert postprocess(gqa, "two \rdogs") == "two"
+
+
 def test_protocol_declarations_and_their_errors():
     cobra = get_protocol("cobra")
     assert cobra.task_for("pope:random") is cobra.task_for("pope")
@@ -215,7 +230,7 @@ def test_robomamba_decoding_runs_past_eos_as_the_released_loop_does(data, tmp_pa
             eos_mid_answer += 1
         text = model.tokenizer.decode(ids, skip_special_tokens=True)
         assert rec["n_new_tokens"] == 6
-        assert rec["prediction"] == text.strip().replace("\n", " ").split("\r")[0]
+        assert rec["prediction"] == text.strip().replace("\n", " ").split("\r")[0].rstrip()
     assert eos_mid_answer >= 1            # the case this test is about occurred
 
 

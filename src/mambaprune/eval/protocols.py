@@ -104,8 +104,8 @@ class Protocol:
 def _robomamba_line(text: str) -> str:
     """The answer as RoboMamba's ``test.py`` writes it to its result file and its judges read it back
     (l. 386-388: ``strip()`` then newlines to spaces; the judges' ``open()`` splits lines at a carriage return too,
-    so the answer ends there)."""
-    return text.strip().replace("\n", " ").split("\r")[0]
+    so the answer ends there, and their ``line.strip()`` drops the spaces before it)."""
+    return text.strip().replace("\n", " ").split("\r")[0].rstrip()
 
 
 def _before_answer(text: str) -> str:
