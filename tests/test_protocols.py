@@ -313,3 +313,25 @@ def test_pope_final_is_the_mean_of_the_splits_and_a_table_column():
     [row] = merge_runs([pope, gqa])
     table = accuracy_table([row], benchmarks=["gqa", "pope"], baseline=False)
     assert table.rows[0][3:5] == ["60.0", "58.3"]
+
+
+def test_eval_reads_images_from_images_root(data, tmp_path):
+    """``--images-root``: the images looked up by file name in another folder give the same records; a missing one
+    is one error line naming the folder."""
+    import shutil
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for s in load_dataset("synthvqa:count", data, "test"):
+        shutil.copy(s.image, images / s.image.name)
+    _, here = _run(data, tmp_path / "a", None, dataset="synthvqa:count")
+    config = EvalConfig(model=fx.__name__ + ":load_tiny", data="synthvqa:count", data_root=str(data),
+                        out=str(tmp_path / "b"), warmup=0, images_root=str(images))
+    run_eval(config, progress=False)
+    there = read_records(tmp_path / "b" / "samples.jsonl")
+    assert [r["prediction"] for r in there] == [r["prediction"] for r in here]
+    assert len(there) == len(here) >= 2 and all(r["error"] is None for r in there)
+    from dataclasses import replace
+
+    with pytest.raises(FileNotFoundError, match="images folder .*nowhere not found"):
+        run_eval(replace(config, out=str(tmp_path / "c"), images_root=str(tmp_path / "nowhere")), progress=False)

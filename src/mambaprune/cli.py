@@ -125,7 +125,7 @@ def _calibrate(args) -> int:
     from .data.readers import load_dataset
     from .workflows import calibrate, spread
 
-    samples = load_dataset(args.data, args.data_root, args.split)
+    samples = load_dataset(args.data, args.data_root, args.split, images_root=args.images_root)
     if not samples:
         raise ValueError(f"no samples in {args.data} ({args.split}) under {args.data_root}")
     result = calibrate(_load(args), spread(samples, args.samples), args.out, signal=args.signal)
@@ -142,7 +142,7 @@ def _analyze(args) -> int:
     from .data.readers import load_dataset
     from .workflows import analysis_figures
 
-    samples = load_dataset(args.data, args.data_root, args.split)
+    samples = load_dataset(args.data, args.data_root, args.split, images_root=args.images_root)
     if not 0 <= args.index < len(samples):
         raise ValueError(f"--index {args.index} is outside the {len(samples)} samples")
     paths = analysis_figures(_load(args), samples[args.index], args.out, method=args.method,
@@ -214,6 +214,7 @@ def _data_arguments(p: argparse.ArgumentParser, split: str | None) -> None:
     p.add_argument("--data", required=True, help="dataset name, e.g. synthvqa, synthvqa:read, gqa, pope:random")
     p.add_argument("--data-root", required=True, help="the dataset's folder")
     p.add_argument("--split", default=split, help=f"split (default: {split or 'the dataset default'})")
+    p.add_argument("--images-root", default=None, help="where the images are, when not where the dataset's release puts them (each image is looked up by its file name)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -68,6 +68,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
            "policy does not set, and a --method or --param that contradicts it is an error")
     a("--data", default=None, help="dataset name, e.g. synthvqa, synthvqa:read, pope:adversarial")
     a("--data-root", default=None, help="the dataset's folder")
+    a("--images-root", default=None, help="where the images are, when not where the dataset's release puts them (each image is looked up by its file name)")
     a("--split", default=None, help="dataset split (default: the dataset's)")
     a("--limit", type=int, default=None, help="only the first N samples")
     a("--seed", type=int, default=None, help="seed (default 0)")
@@ -142,7 +143,7 @@ def config_from_args(args: argparse.Namespace) -> EvalConfig:
     if new_method is not None and new_method != settings.get("method", "none"):
         settings.pop("params", None)              # the file's params belong to the file's method
     for name in ("model", "method", "data", "data_root", "split", "limit", "seed", "out", "batch_size",
-                 "warmup", "max_new_tokens", "fatal_errors", "device", "dtype", "protocol"):
+                 "warmup", "max_new_tokens", "fatal_errors", "device", "dtype", "protocol", "images_root"):
         value = getattr(args, name, None)
         if value is not None:
             settings[name] = value

@@ -44,6 +44,7 @@ class EvalConfig:
             (``spec.max_new_tokens_for(<dataset name before any ':'>)``).
         fatal_errors: raise on a sample that cannot be prepared instead of recording an error.
         device, dtype: where and in which precision to run (None: cuda if available else cpu; the loader's dtype).
+        images_root: where the images are when not where the dataset's release puts them (None: there).
         protocol: the evaluation protocol (:mod:`mambaprune.eval.protocols`: ``official``, ``cobra``,
             ``robomamba``); None: the model's own (its spec's ``protocol``, else ``official``).
     """
@@ -65,6 +66,7 @@ class EvalConfig:
     device: str | None = None
     dtype: str | None = None
     protocol: str | None = None
+    images_root: str | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)

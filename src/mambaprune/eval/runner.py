@@ -79,7 +79,7 @@ def run_eval(config: EvalConfig, progress: bool = True, model=None) -> dict | No
     loader = resolve_loader(config.model)
     rank, world, local_rank, created = dist_setup()
     try:
-        samples = load_dataset(config.data, config.data_root, config.split)
+        samples = load_dataset(config.data, config.data_root, config.split, images_root=config.images_root)
         if config.limit is not None:
             samples = samples[:config.limit]
         ids = [s.id for s in samples]

@@ -31,6 +31,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     a("--budget", type=float, required=True, help="FLOPs ratio to stay within, in (0, 1] (1: no pruning)")
     a("--data", default="synthvqa", help="calibration dataset name (default synthvqa)")
     a("--data-root", default=None, help="the dataset's folder (not needed with --curves or --budget 1)")
+    a("--images-root", default=None, help="where the images are, when not where the dataset's release puts them (each image is looked up by its file name)")
     a("--split", default=None, help="calibration split (default: the dataset's; pick one you do not evaluate on)")
     a("--samples", type=int, default=100, help="calibration samples, evenly spread over the split (default 100)")
     a("--out", default=None, metavar="FILE", help="write the policy JSON here (for `mambaprune eval --policy`)")
@@ -71,7 +72,7 @@ def _calibration_samples(args) -> list:
         raise ValueError("--data-root is needed to measure the divergences")
     if args.samples < 1:
         raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    samples = load_dataset(args.data, args.data_root, args.split)
+    samples = load_dataset(args.data, args.data_root, args.split, images_root=args.images_root)
     if not samples:
         raise ValueError(f"no samples in {args.data} ({args.split or 'default split'}) under {args.data_root}")
     return spread(samples, args.samples)
