@@ -6,6 +6,7 @@ vizwiz vqaEval.py = the VizWiz-VQA API's vqaEval.py; gqa eval.py = GQA's eval.py
 AoiDragon/POPE evaluate.py.
 """
 import pytest
+from test_metrics import _official_formula as _loo  # the leave-one-out VQA accuracy written by hand
 
 from mambaprune.eval.metrics import (OFFICIAL_DATASETS, VIZWIZ_CONTRACTIONS, VQA_CONTRACTIONS, get_metric,
                                      gqa_accuracy, official_score, pope_official_parse, pope_summary,
@@ -14,10 +15,6 @@ from mambaprune.eval.metrics import (OFFICIAL_DATASETS, VIZWIZ_CONTRACTIONS, VQA
 
 OTHER7 = ["x"] * 7  # seven human answers nobody predicts
 
-
-def _loo(k, n=10):
-    """Leave-one-out VQA accuracy by hand when k of n humans equal the prediction."""
-    return (k * min(1, (k - 1) / 3) + (n - k) * min(1, k / 3)) / n
 
 
 # --- VQAv2 / OK-VQA --------------------------------------------------------------------------------------------

@@ -35,7 +35,8 @@ from typing import Callable, Sequence
 
 from .official import (VIZWIZ_CONTRACTIONS, VQA_CONTRACTIONS, gqa_accuracy, pope_official_parse,
                        pope_official_score, pope_summary, textvqa_accuracy, textvqa_normalize, vizwiz_accuracy,
-                       vizwiz_normalize, vizwiz_summary, vqa_official_accuracy, vqa_official_normalize)
+                       vizwiz_normalize, vizwiz_summary, vqa_official_accuracy, vqa_official_normalize,
+                       yes_no_summary)
 
 __all__ = [
     "METRICS",
@@ -211,26 +212,7 @@ def pope_summary_lenient(predictions: Sequence[str], answers: Sequence[Sequence[
     Precision (recall) is 0 when nothing was predicted (labelled) "yes"; so is F1 when both are 0. This is the
     summary of the "pope" entry of :data:`METRICS`; :func:`pope_summary` is POPE's own ``evaluate.py``.
     """
-    if len(predictions) != len(answers):
-        raise ValueError(f"{len(predictions)} predictions for {len(answers)} labels")
-    if not predictions:
-        raise ValueError("pope_summary_lenient needs at least one prediction")
-    preds = [pope_parse(p) == "yes" for p in predictions]
-    labels = [_yes_no_label(a) == "yes" for a in answers]
-    tp = sum(p and t for p, t in zip(preds, labels))
-    fp = sum(p and not t for p, t in zip(preds, labels))
-    fn = sum(t and not p for p, t in zip(preds, labels))
-    tn = len(preds) - tp - fp - fn
-    precision = tp / (tp + fp) if tp + fp else 0.0
-    recall = tp / (tp + fn) if tp + fn else 0.0
-    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
-    return {
-        "accuracy": (tp + tn) / len(preds),
-        "precision": precision,
-        "recall": recall,
-        "f1": f1,
-        "yes_ratio": (tp + fp) / len(preds),
-    }
+    return yes_no_summary(predictions, answers, pope_parse, _yes_no_label, "pope_summary_lenient")
 
 
 # --- VSR -------------------------------------------------------------------------------------------------------

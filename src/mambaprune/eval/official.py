@@ -24,7 +24,7 @@ Every per-sample scorer has the signature ``score(prediction, answers) -> float`
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from typing import Callable, Sequence
 
 __all__ = [
     "VIZWIZ_CONTRACTIONS",
@@ -331,23 +331,32 @@ def pope_summary(predictions: Sequence[str], answers: Sequence[Sequence[str]]) -
     ``f1`` = 2PR / (P + R) (L56). Upstream divides by zero there; here precision is 0 when nothing was answered
     "yes", recall is 0 when no label is "yes", and F1 is 0 when precision + recall is 0.
     """
+    return yes_no_summary(predictions, answers, pope_official_parse, _pope_label, "pope_summary")
+
+
+def yes_no_summary(predictions: Sequence[str], answers: Sequence[Sequence[str]], parse: Callable[[str], str],
+                   label: Callable[[Sequence[str]], str], name: str = "yes_no_summary") -> dict[str, float]:
+    """Accuracy, precision, recall, F1 (positive class "yes") and yes ratio of predictions read by ``parse``
+    against labels read by ``label``, as POPE's evaluate.py counts them (L29-57); precision (recall) is 0 when
+    nothing was predicted (labelled) "yes", F1 is 0 when both are 0. ``name`` is the caller's, for the errors."""
     if len(predictions) != len(answers):
         raise ValueError(f"{len(predictions)} predictions for {len(answers)} labels")
     if not predictions:
-        raise ValueError("pope_summary needs at least one prediction")
-    preds = [pope_official_parse(p) == "yes" for p in predictions]
-    labels = [_pope_label(a) == "yes" for a in answers]
-    tp = sum(p and t for p, t in zip(preds, labels))
-    fp = sum(p and not t for p, t in zip(preds, labels))
-    fn = sum(t and not p for p, t in zip(preds, labels))
-    tn = len(preds) - tp - fp - fn
+        raise ValueError(f"{name} needs at least one prediction")
+    predicted_yes = [parse(p) == "yes" for p in predictions]
+    labelled_yes = [label(a) == "yes" for a in answers]
+    pairs = list(zip(predicted_yes, labelled_yes))
+    tp = sum(p and t for p, t in pairs)
+    fp = sum(p and not t for p, t in pairs)
+    fn = sum(t and not p for p, t in pairs)
+    tn = len(pairs) - tp - fp - fn
     precision = tp / (tp + fp) if tp + fp else 0.0
     recall = tp / (tp + fn) if tp + fn else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
     return {
-        "accuracy": (tp + tn) / len(preds),
+        "accuracy": (tp + tn) / len(pairs),
         "precision": precision,
         "recall": recall,
         "f1": f1,
-        "yes_ratio": (tp + fp) / len(preds),
+        "yes_ratio": (tp + fp) / len(pairs),
     }
