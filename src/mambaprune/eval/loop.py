@@ -204,16 +204,17 @@ class SampleLoop:
         return out
 
     def _choices(self, logits: torch.Tensor) -> list[dict]:
-        """Each sample's candidate answer from its first-step logits: the candidate with the highest probability
-        (the first of equals, as ``np.argmax`` in vlm-evaluation's POPE and VSR scorers picks it), with the
-        probabilities renormalised over the candidates and over the whole vocabulary."""
+        """Each sample's candidate answer from its first-step logits, picked as vlm-evaluation's POPE and VSR
+        scorers pick it (:func:`~mambaprune.eval.upstream_scorers.cobra_choice`: ``np.argmax``, the first of
+        equals), with the probabilities renormalised over the candidates and over the whole vocabulary."""
+        from .upstream_scorers import cobra_choice
+
+        strings = [s for s, _ in self.task.candidates]
+        labels = dict(self.task.candidates)
         vocab, renormalised = self.model.candidate_probabilities(logits, self.candidate_ids)
-        out = []
-        for row, full in zip(renormalised.tolist(), vocab.tolist()):
-            best = max(range(len(row)), key=lambda k: (row[k], -k))
-            out.append({"candidates": [s for s, _ in self.task.candidates], "probabilities": row,
-                        "vocab_probabilities": full, "winner": self.task.candidates[best][1]})
-        return out
+        return [{"candidates": strings, "probabilities": row, "vocab_probabilities": full,
+                 "winner": labels[cobra_choice(row, strings)]}
+                for row, full in zip(renormalised.tolist(), vocab.tolist())]
 
     def _answer_one(self, index: int, sample) -> list[dict]:
         """One sample alone (from a batch whose joint preparation failed)."""

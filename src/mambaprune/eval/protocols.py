@@ -32,7 +32,9 @@ Three protocols ship:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Mapping
+
+from .upstream_scorers import cobra_gqa_clean, robomamba_answer_line, robomamba_before_answer
 
 __all__ = ["Protocol", "Task", "PROTOCOLS", "POSTPROCESS", "register_protocol", "get_protocol",
            "sample_fields", "build_message", "build_prompt", "postprocess"]
@@ -101,30 +103,13 @@ class Protocol:
 
 # --- post-processing steps ----------------------------------------------------------------------------------------
 
-def _robomamba_line(text: str) -> str:
-    """The answer as RoboMamba's ``test.py`` writes it to its result file and its judges read it back
-    (l. 386-388: ``strip()`` then newlines to spaces; the judges' ``open()`` splits lines at a carriage return too,
-    so the answer ends there, and their ``line.strip()`` drops the spaces before it)."""
-    return text.strip().replace("\n", " ").split("\r")[0].rstrip()
-
-
-def _before_answer(text: str) -> str:
-    """The text before the first ``"Answer:"`` (RoboMamba's VQAv2, OK-VQA and VizWiz judges, ``test.py``
-    l. 205-281: ``sp[1].split("Answer:")[0]``)."""
-    return text.split("Answer:")[0]
-
-
-def _delete_punctuation_lower(text: str) -> str:
-    """Every ASCII punctuation character deleted, then lower case (vlm-evaluation ``harnesses/gqa.py`` l. 281)."""
-    import string
-
-    return text.translate(str.maketrans("", "", string.punctuation)).lower()
-
-
+#: post-processing steps by name: RoboMamba's answer line as its judges read it back (``src/test.py``
+#: l. 386-388 and the judges' line reading), the text before the first "Answer:" (its VQAv2, OK-VQA and VizWiz
+#: judges), and vlm-evaluation's GQA clean-up (``harnesses/gqa.py`` l. 281: ASCII punctuation deleted, lower case)
 POSTPROCESS: dict[str, Callable[[str], str]] = {
-    "robomamba_line": _robomamba_line,
-    "before_answer": _before_answer,
-    "delete_punctuation_lower": _delete_punctuation_lower,
+    "robomamba_line": robomamba_answer_line,
+    "before_answer": robomamba_before_answer,
+    "delete_punctuation_lower": cobra_gqa_clean,
 }
 
 
@@ -249,9 +234,3 @@ register_protocol(Protocol(
 def default_protocol(spec) -> str:
     """The protocol a model runs under unless told otherwise: its spec's ``protocol``, else ``official``."""
     return getattr(spec, "protocol", None) or "official"
-
-
-def describe(protocol: Protocol, datasets: Sequence[str] = ()) -> str:
-    """One line per declared dataset (for ``--help`` and the docs)."""
-    keys = datasets or sorted(protocol.tasks)
-    return "\n".join(f"{k}: {protocol.task_for(k)}" for k in keys)

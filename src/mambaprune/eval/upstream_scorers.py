@@ -291,13 +291,23 @@ def robomamba_answer_text(text: str, dataset: str) -> str:
     """
     if dataset not in ROBOMAMBA_DATASETS:
         raise ValueError(f"RoboMamba evaluates no {dataset!r}; known: {', '.join(ROBOMAMBA_DATASETS)}")
+    answer = robomamba_answer_line(text)
+    return robomamba_before_answer(answer) if dataset in _ANSWER_SPLIT_DATASETS else answer
+
+
+def robomamba_answer_line(text: str) -> str:
+    """Steps 1-2 of :func:`robomamba_answer_text`: stripped, newlines to spaces, cut at the first carriage return
+    and right-stripped there (the answer line as the judges read it back)."""
     answer = text.strip().replace("\n", " ")
     cut = answer.find("\r")
     if cut >= 0:
         answer = answer[:cut].rstrip()
-    if dataset in _ANSWER_SPLIT_DATASETS:
-        answer = answer.split("Answer:")[0]
     return answer
+
+
+def robomamba_before_answer(answer: str) -> str:
+    """Step 3 of :func:`robomamba_answer_text`: the part before the first ``"Answer:"`` (VQAv2, OK-VQA, VizWiz)."""
+    return answer.split("Answer:")[0]
 
 
 # --- POPE --------------------------------------------------------------------------------------------------------
