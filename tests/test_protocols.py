@@ -151,7 +151,7 @@ def test_protocol_declarations_and_their_errors():
 #: single-byte candidates, so that each is one token of the tiny model's byte tokenizer
 CHOICE = register_protocol(Protocol("test-choice", "first-step probabilities of 'Y' / 'N'", {
     "*": Task(message="{question} Y or N?", answer="choice", candidates=(("Y", "yes"), ("N", "no")),
-              max_new_tokens=3, scorer="cobra_pope")}))
+              max_new_tokens=3, scorer="cobra_pope", final="yes-no")}))
 NO_EOS = register_protocol(Protocol("test-no-eos", "RoboMamba's decoding on the tiny model", {
     "*": Task(max_new_tokens=6, stop_at_eos=False, postprocess=("robomamba_line",))}))
 
@@ -204,6 +204,7 @@ def test_candidate_probabilities_equal_a_hand_computation_from_the_first_step_lo
     expected = {g: 100.0 * sum(r["score"] for r in records if r["group"] == g)
                 / sum(1 for r in records if r["group"] == g) for g in groups}
     assert summary["accuracy"] == pytest.approx(expected)
+    assert summary["accuracy_final"] == {"yes-no": pytest.approx(sum(expected.values()) / len(expected))}
 
 
 def test_robomamba_decoding_runs_past_eos_as_the_released_loop_does(data, tmp_path):

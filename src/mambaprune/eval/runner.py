@@ -120,7 +120,6 @@ def run_eval(config: EvalConfig, progress: bool = True, model=None) -> dict | No
             state["protocol"] = protocol.name
             if rank == 0:
                 record_protocol(out, protocol.name, declared.scorer)
-            state["final"] = declared.final
             with open(records_path, "a", encoding="utf-8") as f:
                 loop = SampleLoop(config, model, pruner, device, max_new, f, task=declared)
                 loop.warm_up([s for _, s in pending], config.warmup)
@@ -156,10 +155,10 @@ def run_eval(config: EvalConfig, progress: bool = True, model=None) -> dict | No
             protocols = sorted({s["protocol"] for s in states if s.get("protocol")})
             if len(protocols) > 1:
                 raise RuntimeError(f"the records in {out} were answered under several protocols {protocols}")
+            protocol_name = protocols[0] if protocols else config.protocol
             summary = summarize_records(
-                records, config,
-                protocol=protocols[0] if protocols else config.protocol,
-                final=next((s["final"] for s in states if s.get("final")), None),
+                records, config, protocol=protocol_name,
+                final=get_protocol(protocol_name).task_for(config.data).final if protocol_name else None,
                 max_new_tokens=budgets[0] if budgets else config.max_new_tokens,
                 total_s=max(s.get("total_s", 0.0) for s in states),
                 peak_mem_mb=max(peaks) if peaks else None,
