@@ -61,3 +61,13 @@ def _check_images_root(images_root, samples: Sequence[Sample], dataset: str) -> 
     names = list(dict.fromkeys(s.image.name for s in samples[:3]))
     raise FileNotFoundError(f"{dataset}: images folder {images_root} not found"
                             + (f" (it should hold the annotated images, e.g. {', '.join(names)})" if names else ""))
+
+
+def _fields(record, keys: tuple[str, ...], path: Path, where) -> tuple:
+    """The values of ``keys`` in a JSON record; a ValueError names the file, the record and what it lacks."""
+    if not isinstance(record, dict):
+        raise ValueError(f"{path}: record {where} is not a JSON object")
+    missing = [k for k in keys if k not in record]
+    if missing:
+        raise ValueError(f"{path}: record {where} lacks {', '.join(missing)}")
+    return tuple(record[k] for k in keys)

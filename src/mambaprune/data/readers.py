@@ -54,7 +54,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
 from . import synthvqa, vlm_eval
-from .common import VSR_PROMPT, Sample, _check_images_root, _inside, _load_json
+from .common import VSR_PROMPT, Sample, _check_images_root, _fields, _inside, _load_json
 
 __all__ = [
     "VSR_PROMPT",
@@ -131,15 +131,6 @@ def _load_jsonl(path: Path) -> list[dict]:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path} line {n} is not valid JSON: {err}") from None
     return records
-
-
-def _fields(record, keys: tuple[str, ...], path: Path, where) -> tuple:
-    if not isinstance(record, dict):
-        raise ValueError(f"{path}: record {where} is not a JSON object")
-    missing = [k for k in keys if k not in record]
-    if missing:
-        raise ValueError(f"{path}: record {where} lacks {', '.join(missing)}")
-    return tuple(record[k] for k in keys)
 
 
 def _check_split(split: str) -> str:

@@ -49,7 +49,7 @@ import re
 from pathlib import Path
 
 from . import synthvqa
-from .common import VSR_PROMPT, Sample, _check_images_root, _inside, _load_json
+from .common import VSR_PROMPT, Sample, _check_images_root, _fields, _inside, _load_json
 
 __all__ = ["FAMILIES", "SLIM", "expected_file", "index_file", "is_vlm_eval_root", "read_vlm_eval"]
 
@@ -122,13 +122,6 @@ def _records(path: Path) -> list[tuple[str, dict]]:
     return list(data.items())
 
 
-def _need(rec: dict, keys: tuple[str, ...], path: Path, key: str) -> tuple:
-    missing = [k for k in keys if k not in rec]
-    if missing:
-        raise ValueError(f"{path}: record {key} lacks {', '.join(missing)}")
-    return tuple(rec[k] for k in keys)
-
-
 def _img(root: Path, rec: dict, images_root) -> Path:
     """``root / img_path`` (refused when it leaves ``root``), or the file name in ``images_root``."""
     rel = str(rec["img_path"])
@@ -157,18 +150,18 @@ def read_vlm_eval(root, name: str, split: str, *, images_root=None) -> list[Samp
     samples = []
     for key, rec in _records(path):
         if name == "vqav2":
-            qid, question, _, answer = _need(rec, ("question_id", "question", "img_path", "answer"), path, key)
+            qid, question, _, answer = _fields(rec, ("question_id", "question", "img_path", "answer"), path, key)
             extra = {k: rec[k] for k in ("question_type", "answer_type") if k in rec}
             extra["multiple_choice_answer"] = answer
             answers = list(rec.get("all_answers") or [answer])
             samples.append(Sample(str(qid), _img(root, rec, images_root), question, answers, "vqa_accuracy",
                                   "vqav2", extra))
         elif name == "gqa":
-            qid, question, _, answer = _need(rec, ("question_id", "question", "img_path", "answer"), path, key)
+            qid, question, _, answer = _fields(rec, ("question_id", "question", "img_path", "answer"), path, key)
             samples.append(Sample(str(qid), _img(root, rec, images_root), question, [answer], "exact_match", "gqa",
                                   {"full_answer": rec.get("fullAnswer", "")}))
         elif name == "vizwiz":
-            qid, question, _, answers = _need(rec, ("question_id", "question", "img_path", "answers"), path, key)
+            qid, question, _, answers = _fields(rec, ("question_id", "question", "img_path", "answers"), path, key)
             if len(answers) == 1 and isinstance(answers[0], list):  # vizwiz.py line 64 wraps the list once more
                 answers = answers[0]
             extra = {"image": os.path.basename(str(rec["img_path"]))}
@@ -182,13 +175,13 @@ def read_vlm_eval(root, name: str, split: str, *, images_root=None) -> list[Samp
                                   "vizwiz", extra,
                                   answerable=bool(int(rec["answerable"])) if "answerable" in rec else None))
         elif name == "textvqa":
-            qid, question, _, answers = _need(rec, ("question_id", "question", "img_path", "answers"), path, key)
+            qid, question, _, answers = _fields(rec, ("question_id", "question", "img_path", "answers"), path, key)
             bare, ocr = split_ocr(question)
             samples.append(Sample(str(qid), _img(root, rec, images_root), question, list(answers), "vqa_accuracy",
                                   "textvqa", {"question_without_ocr": bare},
                                   ocr_tokens=ocr if ocr is not None else []))
         elif name == "pope":
-            _, question, _, answer, pope_split, sqid = _need(
+            _, question, _, answer, pope_split, sqid = _fields(
                 rec, ("question_id", "question", "img_path", "answer", "split", "split_question_id"), path, key)
             if pope_split not in synthvqa.POPE_VARIANTS:
                 raise ValueError(f"{path}: record {key} has POPE split {pope_split!r}")
@@ -200,7 +193,7 @@ def read_vlm_eval(root, name: str, split: str, *, images_root=None) -> list[Samp
             samples.append(Sample(f"{pope_split}/{sqid}", _img(root, rec, images_root), question, [label], "pope",
                                   f"pope_{pope_split}", {"pope_split": pope_split, "question_id": str(key)}))
         else:  # vsr
-            eid, caption, _, label = _need(rec, ("example_id", "caption", "img_path", "true_false"), path, key)
+            eid, caption, _, label = _fields(rec, ("example_id", "caption", "img_path", "true_false"), path, key)
             if label not in (0, 1):  # True / False as written (vsr.py line 65); 0 / 1 accepted
                 raise ValueError(f"{path}: record {key} has true_false {label!r}, not a boolean")
             extra = {"caption": caption, "relation": rec.get("relation", "")}
