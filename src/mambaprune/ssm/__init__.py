@@ -10,7 +10,7 @@ from .step import selective_state_update
 
 METHODS = ("chunked", "reference")
 
-__all__ = ["selective_scan", "selective_scan_reference", "selective_state_update", "METHODS"]
+__all__ = ["selective_scan", "scan_layer", "selective_scan_reference", "selective_state_update", "METHODS"]
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
@@ -83,3 +83,39 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
         y = y * F.silu(z.float())
     y = y.to(dtype_in)
     return (y, last) if return_last_state else y
+
+
+def scan_layer(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+               method="chunked"):
+    """The scan as a Mamba layer calls it, in (batch, L, channels) layout, with the released fp32 arithmetic.
+
+    ``u, delta, z``: (batch, L, d_inner) in any float dtype; ``B, C``: (batch, L, d_state); ``A``
+    (d_inner, d_state); ``D``, ``delta_bias``: (d_inner,); ``initial_state``: (batch, d_inner, d_state) h_0.
+    ``delta_bias`` is added to delta in fp32 and then the softplus is taken in fp32 (when
+    ``delta_softplus``), D and the silu(z) gate are applied in fp32, as mamba_ssm's kernel does
+    (``csrc/selective_scan/selective_scan_fwd_kernel.cuh``).
+
+    Returns ``(y, last_state)``: y (batch, L, d_inner) **fp32**, ``(C_t h_t + D u_t) * silu(z_t)``;
+    last_state (batch, d_inner, d_state) fp32. The caller casts y to the model's dtype (one rounding).
+    """
+    if method == "reference":
+        y, last = selective_scan_reference(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
+                                           C.transpose(1, 2), D=D, z=None if z is None else z.transpose(1, 2),
+                                           delta_bias=delta_bias, delta_softplus=delta_softplus,
+                                           return_last_state=True, initial_state=initial_state,
+                                           out_fp32=True)
+        return y.transpose(1, 2), last
+    if method != "chunked":
+        raise ValueError(f"scan_layer: unknown method {method!r}; choose one of {METHODS}")
+    uf = u.float()
+    delta = delta.float()
+    if delta_bias is not None:
+        delta = delta + delta_bias.float()
+    if delta_softplus:
+        delta = F.softplus(delta)
+    y, last = scan_chunked(uf, delta, A.float(), B.float(), C.float(), initial_state=initial_state)
+    if D is not None:
+        y = y.addcmul(uf, D.float())
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y, last

@@ -74,16 +74,16 @@ def _buffers(T, b, n, d, like):
     return bufs, [list(x.unbind(0)) for x in bufs]
 
 
-def scan_forward(u, delta, A, B, C, save_chunk_states=False):
+def scan_forward(u, delta, A, B, C, save_chunk_states=False, initial_state=None):
     """y (b, L, d) and last state (b, d, n) of the recurrence, all fp32, from u, delta (b, L, d) and
-    B, C (b, L, n); optionally also the chunk-start states."""
+    B, C (b, L, n); optionally also the chunk-start states. ``initial_state`` (b, d, n): h_0 (zeros if None)."""
     b, L, d = u.shape
     n = A.shape[1]
     T = chunk_length(b, d, n)
     delta_t, du_t, B_t, C_t, _, A2_t = _time_major(u, delta, A, B, C)
     (dA, dBu, hs), (dA_s, dBu_s, hs_s) = _buffers(T, b, n, d, u)
     y = u.new_empty(L, b, d)
-    h = u.new_zeros(b, n, d)
+    h = u.new_zeros(b, n, d) if initial_state is None else initial_state.float().transpose(1, 2).contiguous()
     starts = []
     for s in range(0, L, T):
         e = min(s + T, L)
@@ -176,11 +176,14 @@ class _ChunkedScan(torch.autograd.Function):
         return scan_backward(grad_y, grad_last, u, delta, A, B, C, starts)
 
 
-def scan_chunked(u, delta, A, B, C):
+def scan_chunked(u, delta, A, B, C, initial_state=None):
     """fp32 y (b, L, d) and last state (b, d, n) of ``h_t = exp(delta_t A) h_{t-1} + delta_t B_t u_t``,
-    ``y_t = <C_t, h_t>``; differentiable. Inputs in (batch, L, channels) layout: u, delta (b, L, d),
-    B, C (b, L, n); fp32, delta already post-softplus."""
+    ``y_t = <C_t, h_t>``; differentiable (when no ``initial_state`` is given). Inputs in (batch, L, channels)
+    layout: u, delta (b, L, d), B, C (b, L, n); fp32, delta already post-softplus; ``initial_state``
+    (b, d, n) is h_0."""
     if torch.is_grad_enabled() and any(x.requires_grad for x in (u, delta, A, B, C)):
+        if initial_state is not None:
+            raise ValueError("scan_chunked: gradients through a scan with an initial_state are not implemented")
         return _ChunkedScan.apply(u, delta, A, B, C)
-    y, last, _ = scan_forward(u, delta, A, B, C)
+    y, last, _ = scan_forward(u, delta, A, B, C, initial_state=initial_state)
     return y, last

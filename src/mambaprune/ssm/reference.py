@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 
 def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-                             return_last_state=False):
+                             return_last_state=False, initial_state=None, out_fp32=False):
     """Selective scan (Mamba v1, Gu & Dao 2023, Alg. 2) as a plain loop over time.
 
     Shapes as mamba_ssm: ``u, delta`` (batch, d_inner, L); ``A`` (d_inner, d_state);
@@ -22,7 +22,8 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         h_t = exp(delta_t * A) * h_{t-1} + delta_t * B_t * u_t
         y_t = <C_t, h_t> + D * u_t ;   out = y * silu(z)
 
-    Computation is in fp32; the output has the dtype of ``u``.
+    Computation is in fp32; the output has the dtype of ``u`` (fp32 if ``out_fp32``). ``initial_state``
+    (batch, d_inner, d_state) is h_0 (zeros if None).
     """
     dtype_in = u.dtype
     u, delta, A, B, C = u.float(), delta.float(), A.float(), B.float(), C.float()
@@ -33,7 +34,7 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     batch, d_inner, length = u.shape
     delta_A = torch.exp(delta[..., None] * A[None, :, None, :])            # (b, d, L, n)
     delta_B_u = (delta * u)[..., None] * B.transpose(1, 2)[:, None]         # (b, d, L, n)
-    h = u.new_zeros(batch, d_inner, A.shape[1])
+    h = u.new_zeros(batch, d_inner, A.shape[1]) if initial_state is None else initial_state.float().clone()
     ys = []
     for t in range(length):
         h = delta_A[:, :, t] * h + delta_B_u[:, :, t]
@@ -42,5 +43,5 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
     out = y if D is None else y + u * D.float()[:, None]
     if z is not None:
         out = out * F.silu(z.float())
-    out = out.to(dtype_in)
+    out = out if out_fp32 else out.to(dtype_in)
     return (out, h) if return_last_state else out
