@@ -1,0 +1,48 @@
+"""The depthwise causal convolution of a Mamba layer, as causal-conv1d computes it, for prefill and decoding.
+
+Both functions accumulate in fp32 and return the input's dtype, as causal-conv1d's kernels do
+(``csrc/causal_conv1d_fwd.cu``: the weights and inputs are read into float registers, the bias is added and
+the SiLU taken in fp32, and the result is written once in the input type).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+ACTIVATIONS = (None, "silu", "swish")
+
+
+def _activate(y: torch.Tensor, activation) -> torch.Tensor:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"causal_conv1d: activation must be one of {ACTIVATIONS}, got {activation!r}")
+    return F.silu(y) if activation in ("silu", "swish") else y
+
+
+def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  activation: str | None = None) -> torch.Tensor:
+    """Depthwise causal conv over time with zero left padding, in (batch, L, channels) layout.
+
+    ``y[:, t, c] = bias[c] + sum_j weight[c, j] * x[:, t - (width - 1) + j, c]`` (x = 0 before the start),
+    i.e. ``conv1d(groups=channels, padding=width-1)[..., :L]``, evaluated as ``width`` shifted multiply-adds
+    on fp32 copies (no transposes). ``weight`` (channels, width), ``bias`` (channels,).
+    """
+    width, L = weight.shape[-1], x.shape[1]
+    xf, w = x.float(), weight.float()
+    y = xf * w[:, width - 1]
+    if bias is not None:
+        y += bias.float()
+    for j in range(1, min(width, L)):
+        y[:, j:].addcmul_(xf[:, :L - j], w[:, width - 1 - j])
+    return _activate(y, activation).to(x.dtype)
+
+
+def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torch.Tensor,
+                         bias: torch.Tensor | None = None, activation: str | None = None) -> torch.Tensor:
+    """One decoding step: shift ``conv_state`` (batch, channels, width) left by one in place, append ``x``
+    (batch, channels), and return the conv output at this step (batch, channels) in x's dtype."""
+    conv_state.copy_(torch.roll(conv_state, shifts=-1, dims=-1))
+    conv_state[:, :, -1] = x
+    y = (conv_state.float() * weight.float()).sum(-1)
+    if bias is not None:
+        y = y + bias.float()
+    return _activate(y, activation).to(x.dtype)
