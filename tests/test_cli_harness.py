@@ -42,10 +42,11 @@ def test_eval_yaml_config_with_flag_override_then_table(data, tmp_path, capsys):
                    f"method: fastv\nparams: {{keep_ratio: 0.5, layer: 2}}\nlimit: 4\n")
     out_a, out_b = tmp_path / "a", tmp_path / "none"
     assert main(["eval", "--config", str(cfg), "--param", "keep_ratio=0.25", "--out", str(out_a),
-                 "--no-progress"]) == 0
+                 "--device", "cpu", "--no-progress"]) == 0
     summary = json.loads((out_a / "summary.json").read_text())
     assert summary["config"]["params"] == {"keep_ratio": 0.25, "layer": 2} and summary["n_samples"] == 4
-    assert main(["eval", "--config", str(cfg), "--method", "none", "--out", str(out_b), "--no-progress"]) == 0
+    assert main(["eval", "--config", str(cfg), "--method", "none", "--out", str(out_b), "--device", "cpu",
+                 "--no-progress"]) == 0
     capsys.readouterr()
     assert main(["table", str(out_b), str(out_a), "--out", str(tmp_path / "t1")]) == 0
     printed = capsys.readouterr().out

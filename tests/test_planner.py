@@ -449,7 +449,8 @@ def test_plan_command_writes_a_policy_that_eval_runs(data, tmp_path, capsys):
         P.plan_command(plan_args("--model", MODEL, "--budget", "0.9"))
 
     # eval --policy: the policy's method and params, flags over them
-    common = ("--model", MODEL, "--data", "synthvqa", "--data-root", str(data), "--out", str(tmp_path / "run"))
+    common = ("--model", MODEL, "--data", "synthvqa", "--data-root", str(data), "--out", str(tmp_path / "run"),
+              "--device", "cpu")
     cfg = config_from_args(eval_args("--policy", str(out), *common))
     assert (cfg.method, cfg.params) == (policy["method"], policy["params"])
     cfg = config_from_args(eval_args("--policy", str(out), "--param", "seed=3", *common))

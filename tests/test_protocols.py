@@ -165,7 +165,7 @@ def data(tmp_path_factory, one_thread):
 
 def _run(data, out, protocol, method="none", params=None, dataset="synthvqa:exist"):
     config = EvalConfig(model=fx.__name__ + ":load_tiny", data=dataset, data_root=str(data), out=str(out),
-                        method=method, params=params or {}, protocol=protocol, warmup=0)
+                        device="cpu", method=method, params=params or {}, protocol=protocol, warmup=0)
     summary = run_eval(config, progress=False)
     return summary, read_records(Path(out) / "samples.jsonl")
 
@@ -243,7 +243,8 @@ def test_records_and_summary_name_the_protocol_and_scorer(data, tmp_path):
     run = json.loads((tmp_path / "run" / "run.json").read_text())
     assert run["config"]["protocol"] is None and (run["protocol"], run["scorer"]) == ("official", "sample")
     config = EvalConfig(model=fx.__name__ + ":load_tiny", data="synthvqa:count", data_root=str(data),
-                        out=str(tmp_path / "run"), protocol="test-no-eos", warmup=0, limit=1)
+                        out=str(tmp_path / "run"), protocol="test-no-eos", warmup=0, limit=1,
+                        device="cpu")
     with pytest.raises(ValueError, match="holds another run"):   # another protocol never mixes with the records
         run_eval(config, progress=False)
 
@@ -327,7 +328,7 @@ def test_eval_reads_images_from_images_root(data, tmp_path):
         shutil.copy(s.image, images / s.image.name)
     _, here = _run(data, tmp_path / "a", None, dataset="synthvqa:count")
     config = EvalConfig(model=fx.__name__ + ":load_tiny", data="synthvqa:count", data_root=str(data),
-                        out=str(tmp_path / "b"), warmup=0, images_root=str(images))
+                        out=str(tmp_path / "b"), warmup=0, images_root=str(images), device="cpu")
     run_eval(config, progress=False)
     there = read_records(tmp_path / "b" / "samples.jsonl")
     assert [r["prediction"] for r in there] == [r["prediction"] for r in here]

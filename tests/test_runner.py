@@ -94,6 +94,7 @@ def data(tmp_path_factory, one_thread):
 
 def make_config(data, out, **kw) -> EvalConfig:
     kw.setdefault("model", MODEL)
+    kw.setdefault("device", "cpu")          # the runner's default is cuda where there is one; these runs mean the CPU
     return EvalConfig(data="synthvqa", data_root=str(data), out=str(out), **kw)
 
 
@@ -350,7 +351,7 @@ def test_unreadable_image_is_an_error_record(data, tmp_path, damage, needle):
         bad.write_bytes(b"this is not a png")
     hit = [s.id for s in samples if s.image == bad]
     assert 0 < len(hit) < N_SAMPLES
-    cfg = EvalConfig(model=MODEL, data="synthvqa", data_root=str(root), out=str(tmp_path / "run"))
+    cfg = EvalConfig(model=MODEL, data="synthvqa", data_root=str(root), out=str(tmp_path / "run"), device="cpu")
     summary = run_eval(cfg, progress=False)
     records = read_records(tmp_path / "run" / "samples.jsonl")
     assert summary["n_samples"] == N_SAMPLES and summary["n_errors"] == len(hit)
