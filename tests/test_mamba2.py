@@ -1,11 +1,18 @@
 """Mamba-2: the SSD scan against its sequential reference, the layer and LM against transformers' Mamba2ForCausalLM
 and a hand-written reference, decoding, pruning hooks, padding, signals and both checkpoint layouts."""
+import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from conftest import randomize_
+from mambaprune import MambaConfig, MambaLM
+from mambaprune.models.checkpoints import CheckpointError, from_transformers_model, load_mamba_lm, save_mamba_lm
+from mambaprune.pruning import build
 from mambaprune.ssm.ssd import segsum, ssd_scan, ssd_scan_reference, ssd_state_update, time_step
+from test_mamba_lm import _drop_positions_hook, _left_pad, _run_by_hand
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +85,8 @@ def test_state_update_steps_equal_the_scan():
     is advanced in fp32 and stored back as bf16."""
     t = ssd_inputs(g=3)
     gen = torch.Generator().manual_seed(2)
-    D, z, bias = torch.randn(6, 4, generator=gen), torch.randn(2, 23, 6, 4, generator=gen), torch.randn(6, generator=gen)
+    D, z = torch.randn(6, 4, generator=gen), torch.randn(2, 23, 6, 4, generator=gen)
+    bias = torch.randn(6, generator=gen)
     h0 = torch.randn(2, 6, 4, 5, generator=gen)
     kw = dict(D=D, dt_bias=bias, dt_softplus=True, dt_limit=(0.05, 2.0))
     y_scan, last = ssd_scan(**t, chunk_size=5, z=z, initial_states=h0, return_final_states=True, **kw)
@@ -135,17 +143,6 @@ def test_bad_scan_inputs_raise_value_error(bad):
 
 
 # ---------------------------------------------------------------------------------------------- models
-import json  # noqa: E402
-
-import torch.nn.functional as F  # noqa: E402
-
-from conftest import randomize_  # noqa: E402
-from mambaprune import MambaConfig, MambaLM  # noqa: E402
-from mambaprune.models.checkpoints import (CheckpointError, from_transformers_model, load_mamba_lm,  # noqa: E402
-                                           save_mamba_lm)
-from mambaprune.pruning import build  # noqa: E402
-from test_mamba_lm import _drop_positions_hook, _left_pad, _run_by_hand  # noqa: E402
-
 HF_BASE = dict(hidden_size=32, num_heads=8, head_dim=8, n_groups=2, state_size=8, num_hidden_layers=3,
                vocab_size=64, chunk_size=8, conv_kernel=4, expand=2, tie_word_embeddings=False)
 
@@ -205,7 +202,8 @@ def test_matches_transformers_mamba2(cfg):
         ref = hf(ids).logits
         out = ours(ids)
         out_all = ours(ids, return_all_logits=True)
-        delta = ours.backbone.layers[0].mixer.ssd_inputs(ours.backbone.layers[0].norm(ours.backbone.embedding(ids))).delta
+        first = ours.backbone.layers[0]
+        delta = first.mixer.ssd_inputs(first.norm(ours.backbone.embedding(ids))).delta
     if "time_step_limit" in cfg:
         lo, hi = cfg["time_step_limit"]
         assert bool((delta == lo).any()) and bool((delta == hi).any()), "the limit must clamp on both sides"
