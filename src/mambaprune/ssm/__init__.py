@@ -1,4 +1,5 @@
-"""Selective scan of Mamba (v1): a sequential reference and the fast chunked default, side by side."""
+"""Selective scan of Mamba (v1): a sequential reference and the fast chunked default, side by side; the SSD scan of
+Mamba-2 is in :mod:`mambaprune.ssm.ssd`."""
 from __future__ import annotations
 
 import torch
@@ -6,11 +7,13 @@ import torch.nn.functional as F
 
 from .chunked import scan_chunked
 from .reference import selective_scan_reference
+from .ssd import ssd_scan, ssd_scan_reference, ssd_state_update
 from .step import selective_state_update
 
 METHODS = ("chunked", "reference")
 
-__all__ = ["selective_scan", "scan_layer", "selective_scan_reference", "selective_state_update", "METHODS"]
+__all__ = ["selective_scan", "scan_layer", "selective_scan_reference", "selective_state_update", "METHODS",
+           "ssd_scan", "ssd_scan_reference", "ssd_state_update"]
 
 
 def _check_inputs(u, delta, A, B, C, D, z, delta_bias):
