@@ -548,7 +548,8 @@ def test_config_of_unknown_layout_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("cfg_update, needle", [
-    ({"ssm_cfg": {"layer": "Mamba2"}}, "Mamba2"),
+    ({"ssm_cfg": {"layer": "Mamba3"}}, "Mamba3"),
+    ({"d_intermediate": 128}, "hybrid"),
     ({"attn_layer_idx": [1]}, "hybrid"),
     ({"rms_norm": False}, "LayerNorm"),
 ])

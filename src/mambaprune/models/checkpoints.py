@@ -1,19 +1,25 @@
 """Reading and writing Mamba LM checkpoints in the released layouts.
 
-Two folder layouts are read:
+Two folder layouts are read, each with Mamba (v1) or Mamba-2 layers:
 
 * transformers ``MambaForCausalLM``: ``config.json`` with ``hidden_size, num_hidden_layers, state_size,
   expand, conv_kernel, time_step_rank, vocab_size, layer_norm_epsilon`` and weights in ``model.safetensors``
   (or sharded ``model-*.safetensors`` with ``model.safetensors.index.json``) or ``pytorch_model.bin``;
   keys ``backbone.embeddings.weight``, ``backbone.layers.{i}.*``, ``backbone.norm_f.weight``, ``lm_head.weight``
-  (absent when tied).
-* mamba_ssm (``state-spaces/mamba-*``): ``config.json`` with ``d_model, n_layer, vocab_size, ssm_cfg,
-  rms_norm, residual_in_fp32, fused_add_norm, pad_vocab_size_multiple`` and ``pytorch_model.bin`` with keys
-  ``backbone.embedding.weight`` ... and the padded vocabulary.
+  (absent when tied). ``Mamba2ForCausalLM`` (``model_type`` "mamba2"): the same files, with ``num_heads,
+  head_dim, n_groups, chunk_size, time_step_limit``; it is read as transformers runs it (gate before the norm,
+  D per head, the SSM on all channels), whatever other keys older configs hold.
+* mamba_ssm (``state-spaces/mamba-*``, ``state-spaces/mamba2-*``): ``config.json`` with ``d_model, n_layer,
+  vocab_size, ssm_cfg, rms_norm, residual_in_fp32, fused_add_norm, pad_vocab_size_multiple`` and
+  ``pytorch_model.bin`` with keys ``backbone.embedding.weight`` ... and the padded vocabulary. ``ssm_cfg["layer"]``
+  picks the layer kind ("Mamba1" by default, or "Mamba2", whose arguments, ``headdim, ngroups, ...``, are read
+  from ``ssm_cfg`` with mamba_ssm's defaults, ``d_state`` 128 included).
+
+Other layer kinds, attention layers and MLPs (``d_intermediate > 0``) are a :class:`CheckpointError`.
 
 The API: :func:`load_mamba_lm` (a folder of either layout), :func:`from_transformers_model` (an in-memory
-transformers model) and :func:`save_mamba_lm` (transformers' layout). This module depends on
-:mod:`mambaprune.models.mamba_lm`, never the reverse.
+transformers model) and :func:`save_mamba_lm` (transformers' layout, or mamba_ssm's for a Mamba-2 model with
+options transformers lacks). This module depends on :mod:`mambaprune.models.mamba_lm`, never the reverse.
 
 Pickled files are read with ``torch.load(weights_only=True)`` only. Every key is checked: a missing,
 unexpected or mis-shaped tensor raises :class:`CheckpointError` naming it.
@@ -96,10 +102,33 @@ def read_json(path: Path, folder_kind: str = "") -> dict:
 
 
 # ---------------------------------------------------------------------------- configs
+#: transformers' ``model_type`` of each layer kind.
+TRANSFORMERS_MODEL_TYPES = {"mamba": "Mamba1", "mamba2": "Mamba2"}
+NO_DT_LIMIT = (0.0, float("inf"))
+LAYOUTS = ("transformers", "mamba_ssm")
+
+
+def _json_float(value) -> float:
+    """A float of a config.json: a number, ``Infinity`` (Python's json) or transformers 5's
+    ``{"__float__": "Infinity"}``."""
+    if isinstance(value, dict) and set(value) == {"__float__"}:
+        value = value["__float__"]
+    try:
+        return float(value)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"config.json: {value!r} is not a number") from e
+
+
 def config_from_transformers(cfg: dict) -> MambaConfig:
-    """MambaConfig from a transformers ``MambaConfig`` dict. transformers does not pad the vocabulary
-    (``vocab_size`` is the embedding size) unless the folder was written by :func:`save_mamba_lm`."""
+    """MambaConfig from a transformers ``MambaConfig`` or ``Mamba2Config`` dict. transformers does not pad the
+    vocabulary (``vocab_size`` is the embedding size) unless the folder was written by :func:`save_mamba_lm`."""
+    kind = cfg.get("model_type") or "mamba"
+    if kind not in TRANSFORMERS_MODEL_TYPES:
+        raise CheckpointError(f"config.json has model_type {kind!r}; this loader reads "
+                              f"{' and '.join(map(repr, TRANSFORMERS_MODEL_TYPES))}")
     ours = cfg.get("mambaprune") or {}
+    if kind == "mamba2":
+        return _mamba2_config_from_transformers(cfg, ours)
     return MambaConfig(
         d_model=cfg["hidden_size"], n_layer=cfg["num_hidden_layers"],
         vocab_size=ours.get("vocab_size", cfg["vocab_size"]),
@@ -114,8 +143,59 @@ def config_from_transformers(cfg: dict) -> MambaConfig:
     )
 
 
+def _mamba2_config_from_transformers(cfg: dict, ours: dict) -> MambaConfig:
+    """A Mamba-2 MambaConfig from a transformers ``Mamba2Config`` dict; keys left out take that class's defaults
+    (``transformers/models/mamba2/configuration_mamba2.py``: n_groups 8, state_size 128, untied embeddings,
+    eos 2, pad 1)."""
+    hidden, expand = cfg["hidden_size"], cfg.get("expand", 2)
+    heads, head_dim = cfg.get("num_heads", 128), cfg.get("head_dim", 64)
+    if heads * head_dim != expand * hidden:
+        raise CheckpointError(f"config.json: num_heads * head_dim = {heads} * {head_dim} must equal expand * "
+                              f"hidden_size = {expand} * {hidden}")
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise CheckpointError(f"config.json: hidden_act {cfg['hidden_act']!r} is not supported (Mamba-2 uses silu)")
+    return MambaConfig(
+        layer="Mamba2", d_model=hidden, n_layer=cfg["num_hidden_layers"],
+        vocab_size=ours.get("vocab_size", cfg["vocab_size"]), d_state=cfg.get("state_size", 128),
+        d_conv=cfg.get("conv_kernel", 4), expand=expand, headdim=head_dim, ngroups=cfg.get("n_groups", 8),
+        chunk_size=cfg.get("chunk_size", 256),
+        dt_limit=tuple(_json_float(v) for v in cfg.get("time_step_limit", NO_DT_LIMIT)),
+        pad_vocab_size_multiple=ours.get("pad_vocab_size_multiple", 1),
+        rms_norm_eps=cfg.get("layer_norm_epsilon", 1e-5), tie_embeddings=cfg.get("tie_word_embeddings", False),
+        residual_in_fp32=cfg.get("residual_in_fp32", True), conv_bias=cfg.get("use_conv_bias", True),
+        bias=cfg.get("use_bias", False), eos_token_id=cfg.get("eos_token_id", 2), pad_token_id=cfg.get("pad_token_id", 1),
+    )
+
+
+def beyond_transformers(config: MambaConfig) -> list[str]:
+    """The options of a Mamba-2 config that transformers' ``Mamba2ForCausalLM`` cannot run (empty for Mamba-1)."""
+    if config.layer != "Mamba2":
+        return []
+    extra = {"norm_before_gate=True": config.norm_before_gate, "D_has_hdim=True": config.D_has_hdim,
+             "rmsnorm=False": not config.rmsnorm,
+             f"d_ssm={config.d_ssm}": config.d_ssm not in (None, config.d_inner)}
+    return [name for name, used in extra.items() if used]
+
+
 def config_to_transformers(config: MambaConfig) -> dict:
-    """A transformers ``MambaConfig`` dict; ``vocab_size`` is the embedding size, as transformers reads it."""
+    """A transformers ``MambaConfig`` (or ``Mamba2Config``) dict; ``vocab_size`` is the embedding size, as
+    transformers reads it."""
+    if config.layer == "Mamba2":
+        cfg = {
+            "architectures": ["Mamba2ForCausalLM"], "model_type": "mamba2",
+            "hidden_size": config.d_model, "num_hidden_layers": config.n_layer,
+            "vocab_size": config.padded_vocab_size, "num_heads": config.d_inner // config.headdim,
+            "head_dim": config.headdim, "n_groups": config.ngroups, "state_size": config.d_state,
+            "expand": config.expand, "conv_kernel": config.d_conv, "chunk_size": config.chunk_size,
+            "hidden_act": "silu", "layer_norm_epsilon": config.rms_norm_eps,
+            "tie_word_embeddings": config.tie_embeddings, "residual_in_fp32": config.residual_in_fp32,
+            "use_conv_bias": config.conv_bias, "use_bias": config.bias,
+            "eos_token_id": config.eos_token_id, "pad_token_id": config.pad_token_id,
+            "bos_token_id": config.eos_token_id,
+        }
+        if tuple(config.dt_limit) != NO_DT_LIMIT:
+            cfg["time_step_limit"] = list(config.dt_limit)
+        return cfg
     return {
         "architectures": ["MambaForCausalLM"], "model_type": "mamba",
         "hidden_size": config.d_model, "num_hidden_layers": config.n_layer,
@@ -130,22 +210,57 @@ def config_to_transformers(config: MambaConfig) -> dict:
 
 
 def config_from_mamba_ssm(cfg: dict) -> MambaConfig:
-    """MambaConfig from a mamba_ssm ``config.json`` (``ssm_cfg`` may override d_state, d_conv, expand, dt_rank)."""
+    """MambaConfig from a mamba_ssm ``config.json``. ``ssm_cfg`` holds the layer's arguments: for Mamba (v1)
+    d_state (16), d_conv, expand, dt_rank; for ``"layer": "Mamba2"`` those of ``Mamba2.__init__`` with its
+    defaults (``modules/mamba2.py``, lines 38-56: d_state 128, headdim 64, ngroups 1, chunk_size 256, ...).
+    Initialisation-only arguments (dt_min, A_init_range, ...) are ignored."""
     ssm = cfg.get("ssm_cfg") or {}
-    if ssm.get("layer", "Mamba1") != "Mamba1":
-        raise CheckpointError(f"only Mamba (v1) layers are supported, the config asks for {ssm['layer']}")
+    layer = ssm.get("layer", "Mamba1")
+    if layer not in ("Mamba1", "Mamba2"):
+        raise CheckpointError(f"ssm_cfg asks for {layer!r} layers; supported: 'Mamba1' and 'Mamba2'")
     if cfg.get("attn_layer_idx") or cfg.get("d_intermediate", 0):
         raise CheckpointError("hybrid checkpoints (attention layers or MLPs) are not supported")
     if not cfg.get("rms_norm", True):
         raise CheckpointError("checkpoints with LayerNorm (rms_norm: false) are not supported")
-    return MambaConfig(
+    common = dict(
         d_model=cfg["d_model"], n_layer=cfg["n_layer"], vocab_size=cfg["vocab_size"],
-        d_state=ssm.get("d_state", 16), d_conv=ssm.get("d_conv", 4), expand=ssm.get("expand", 2),
-        dt_rank=ssm.get("dt_rank", "auto"), pad_vocab_size_multiple=cfg.get("pad_vocab_size_multiple", 8),
+        d_conv=ssm.get("d_conv", 4), expand=ssm.get("expand", 2),
+        pad_vocab_size_multiple=cfg.get("pad_vocab_size_multiple", 8),
         rms_norm_eps=cfg.get("norm_epsilon", 1e-5), tie_embeddings=cfg.get("tie_embeddings", True),
         residual_in_fp32=cfg.get("residual_in_fp32", True), conv_bias=ssm.get("conv_bias", True),
         bias=ssm.get("bias", False),
     )
+    if layer == "Mamba1":
+        return MambaConfig(d_state=ssm.get("d_state", 16), dt_rank=ssm.get("dt_rank", "auto"), **common)
+    return MambaConfig(
+        layer="Mamba2", d_state=ssm.get("d_state", 128), headdim=ssm.get("headdim", 64),
+        ngroups=ssm.get("ngroups", 1), chunk_size=ssm.get("chunk_size", 256),
+        dt_limit=tuple(_json_float(v) for v in ssm.get("dt_limit", NO_DT_LIMIT)),
+        norm_before_gate=ssm.get("norm_before_gate", False), D_has_hdim=ssm.get("D_has_hdim", False),
+        rmsnorm=ssm.get("rmsnorm", True), d_ssm=ssm.get("d_ssm"), **common)
+
+
+def config_to_mamba_ssm(config: MambaConfig) -> dict:
+    """A mamba_ssm ``config.json`` dict (``MambaConfig`` of ``models/config_mamba.py``, which takes no other key,
+    so the token ids are not kept and the norms' epsilon must be mamba_ssm's 1e-5)."""
+    if config.rms_norm_eps != 1e-5:
+        raise ValueError(f"mamba_ssm's layout has no norm epsilon (it is 1e-5); this model has {config.rms_norm_eps}")
+    ssm = {"d_state": config.d_state, "d_conv": config.d_conv, "expand": config.expand,
+           "conv_bias": config.conv_bias, "bias": config.bias}
+    if config.layer == "Mamba1":
+        ssm["dt_rank"] = config.dt_rank
+    else:
+        ssm = {"layer": "Mamba2", **ssm, "headdim": config.headdim, "ngroups": config.ngroups,
+               "chunk_size": config.chunk_size, "norm_before_gate": config.norm_before_gate,
+               "D_has_hdim": config.D_has_hdim, "rmsnorm": config.rmsnorm}
+        if config.d_ssm is not None:
+            ssm["d_ssm"] = config.d_ssm
+        if tuple(config.dt_limit) != NO_DT_LIMIT:
+            ssm["dt_limit"] = list(config.dt_limit)
+    return {"d_model": config.d_model, "d_intermediate": 0, "n_layer": config.n_layer,
+            "vocab_size": config.vocab_size, "ssm_cfg": ssm, "attn_layer_idx": [], "attn_cfg": {},
+            "rms_norm": True, "residual_in_fp32": config.residual_in_fp32, "fused_add_norm": True,
+            "pad_vocab_size_multiple": config.pad_vocab_size_multiple, "tie_embeddings": config.tie_embeddings}
 
 
 def detect_layout(cfg: dict) -> str:
@@ -239,14 +354,38 @@ def load_mamba_lm(folder, dtype: torch.dtype | None = None, device=None) -> Mamb
     return model.eval()
 
 
-def save_mamba_lm(model: MambaLM, folder) -> None:
-    """Write ``model`` to ``folder`` in transformers' ``MambaForCausalLM`` layout, which transformers' own
-    ``from_pretrained`` and :func:`load_mamba_lm` read: ``config.json`` (transformers keys, plus
-    ``pad_vocab_size_multiple`` and the tokenizer vocab) and ``model.safetensors`` (transformers key names;
-    ``lm_head.weight`` left out when tied)."""
+def save_mamba_lm(model: MambaLM, folder, layout: str | None = None) -> None:
+    """Write ``model`` to ``folder`` in a layout that :func:`load_mamba_lm` and the upstream loader both read.
+
+    ``layout="transformers"`` (the default): transformers' ``MambaForCausalLM`` / ``Mamba2ForCausalLM``
+    layout, ``config.json`` (transformers keys, plus ``pad_vocab_size_multiple`` and the tokenizer vocab) and
+    ``model.safetensors`` (transformers key names; ``lm_head.weight`` left out when tied).
+    ``layout="mamba_ssm"``: ``config.json`` + ``pytorch_model.bin`` as mamba_ssm's ``save_pretrained`` writes
+    them. A Mamba-2 model with options transformers lacks (:func:`beyond_transformers`) is written in
+    mamba_ssm's layout by default, and asking for transformers' layout is then a ValueError. Writing mamba_ssm's
+    layout removes a ``model.safetensors`` (and its index) left in the folder, which loaders would read first.
+    """
+    folder = Path(folder)
+    lacking = beyond_transformers(model.config)
+    layout = layout or ("mamba_ssm" if lacking else "transformers")
+    if layout not in LAYOUTS:
+        raise ValueError(f"save_mamba_lm: layout must be one of {LAYOUTS}, got {layout!r}")
+    if layout == "transformers" and lacking:
+        raise ValueError(f"save_mamba_lm: transformers' Mamba2ForCausalLM has no {', '.join(lacking)}; "
+                         f"save with layout='mamba_ssm'")
+    if layout == "mamba_ssm":
+        cfg = config_to_mamba_ssm(model.config)
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / "pytorch_model.bin.tmp"
+        torch.save({k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}, tmp)
+        os.replace(tmp, folder / "pytorch_model.bin")
+        for stale in ("model.safetensors", "model.safetensors.index.json"):   # loaders prefer them to the .bin
+            (folder / stale).unlink(missing_ok=True)
+        with open(folder / "config.json", "w") as f:
+            json.dump(cfg, f, indent=2)
+        return
     from safetensors.torch import save_file
 
-    folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     cfg = config_to_transformers(model.config)
     cfg["mambaprune"] = {"vocab_size": model.config.vocab_size,

@@ -1,4 +1,7 @@
-"""A Mamba (v1) language model that owns its layer loop, so a pruning method can act between any two layers.
+"""A Mamba language model that owns its layer loop, so a pruning method can act between any two layers.
+
+Its layers are Mamba (v1) blocks, or Mamba-2 blocks (:class:`~mambaprune.models.mamba2.Mamba2Mixer`) when
+``config.layer == "Mamba2"``; the loop, the token sequence and the hooks are the same for both.
 
 Module and weight names follow mamba_ssm (``backbone.embedding``, ``backbone.layers.{i}.norm``,
 ``backbone.layers.{i}.mixer.{in_proj,conv1d,x_proj,dt_proj,out_proj,A_log,D}``, ``backbone.norm_f``,
@@ -19,6 +22,7 @@ import torch.nn.functional as F
 from ..pruning.sequence import TokenSequence
 from ..ssm import selective_state_update
 from ..ssm.chunked import scan_chunked
+from .mamba2 import Mamba2Mixer
 
 Hook = Callable[[TokenSequence], "TokenSequence | None"]
 
@@ -30,6 +34,14 @@ class MambaConfig:
     ``vocab_size`` is the tokenizer's vocabulary; the embedding has ``padded_vocab_size`` rows (rounded up to
     a multiple of ``pad_vocab_size_multiple``, 8 in the released checkpoints). ``dt_rank="auto"`` means
     ``ceil(d_model / 16)``.
+
+    ``layer`` is the mixer kind, as ``ssm_cfg["layer"]`` of mamba_ssm: ``"Mamba1"`` or ``"Mamba2"``. The fields
+    after it are the arguments of mamba_ssm's ``Mamba2`` (``modules/mamba2.py``) and are read by Mamba-2 layers
+    only: ``headdim``, ``ngroups`` (groups of heads sharing B and C), ``chunk_size`` of the SSD scan,
+    ``dt_limit`` (Δ is clamped to it), ``norm_before_gate``, ``D_has_hdim`` (D per channel instead of per head),
+    ``rmsnorm`` (the gated RMSNorm before ``out_proj``), ``d_ssm`` (channels that go through the SSM, default
+    all ``d_inner``; the others form a gated MLP). A Mamba-2 checkpoint's ``d_state`` is 128 unless it says
+    otherwise (mamba_ssm's default; see :mod:`mambaprune.models.checkpoints`).
     """
 
     d_model: int = 768
@@ -47,15 +59,40 @@ class MambaConfig:
     bias: bool = False
     eos_token_id: int | None = 0
     pad_token_id: int | None = 0
+    layer: str = "Mamba1"
+    headdim: int = 64
+    ngroups: int = 1
+    chunk_size: int = 256
+    dt_limit: tuple[float, float] = (0.0, float("inf"))
+    norm_before_gate: bool = False
+    D_has_hdim: bool = False
+    rmsnorm: bool = True
+    d_ssm: int | None = None
 
     def __post_init__(self):
         if self.dt_rank == "auto":
             self.dt_rank = math.ceil(self.d_model / 16)
-        for name in ("d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank",
-                     "pad_vocab_size_multiple"):
+        names = ["d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank", "pad_vocab_size_multiple"]
+        if self.layer not in LAYER_KINDS:
+            raise ValueError(f"MambaConfig.layer must be one of {LAYER_KINDS}, got {self.layer!r}")
+        if self.layer == "Mamba2":
+            names += ["headdim", "ngroups", "chunk_size"] + ([] if self.d_ssm is None else ["d_ssm"])
+        for name in names:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MambaConfig.{name} must be a positive integer, got {value!r}")
+        try:
+            self.dt_limit = tuple(float(v) for v in self.dt_limit)
+        except (TypeError, ValueError):
+            self.dt_limit = None
+        if self.dt_limit is None or len(self.dt_limit) != 2 or not 0.0 <= self.dt_limit[0] <= self.dt_limit[1]:
+            raise ValueError(f"MambaConfig.dt_limit must be (low, high) with 0 <= low <= high, got {self.dt_limit!r}")
+        if self.layer == "Mamba2":
+            d_ssm = self.d_inner if self.d_ssm is None else self.d_ssm
+            if d_ssm > self.d_inner or d_ssm % self.headdim or (d_ssm // self.headdim) % self.ngroups:
+                raise ValueError(f"MambaConfig: a Mamba-2 layer needs d_ssm ({d_ssm}) <= d_inner ({self.d_inner}), "
+                                 f"a multiple of headdim ({self.headdim}), and a number of heads that is a "
+                                 f"multiple of ngroups ({self.ngroups})")
 
     @property
     def d_inner(self) -> int:
@@ -79,6 +116,10 @@ class MambaConfig:
             json.dump(self.to_dict(), f, indent=2)
 
 
+#: Mixer kinds of :attr:`MambaConfig.layer` (the names of mamba_ssm's ``ssm_cfg["layer"]``).
+LAYER_KINDS = ("Mamba1", "Mamba2")
+
+
 class RMSNorm(nn.Module):
     """RMSNorm as transformers' MambaRMSNorm: normalise in fp32, cast back, scale by the weight."""
 
@@ -98,8 +139,8 @@ class RMSNorm(nn.Module):
 class LayerCache:
     """Decoding state of one layer: the last ``d_conv`` conv inputs and the fp32 SSM state."""
 
-    conv_state: torch.Tensor  # (batch, d_inner, d_conv)
-    ssm_state: torch.Tensor   # (batch, d_inner, d_state), fp32
+    conv_state: torch.Tensor  # (batch, d_inner, d_conv); Mamba-2: (batch, conv_dim, d_conv)
+    ssm_state: torch.Tensor   # (batch, d_inner, d_state), fp32; Mamba-2: (batch, nheads, headdim, d_state)
 
 
 @dataclass
@@ -107,6 +148,10 @@ class MambaCache:
     """Per-layer decoding states. Fixed size, so a prefill that dropped tokens needs no resizing."""
 
     layers: list[LayerCache | None] = field(default_factory=list)
+
+    def set_layer(self, layer_idx: int, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
+        """Store layer ``layer_idx``'s state after a prefill (how mixers of other modules write it)."""
+        self.layers[layer_idx] = LayerCache(conv_state, ssm_state)
 
 
 class MambaMixer(nn.Module):
@@ -212,7 +257,7 @@ class MambaBlock(nn.Module):
         super().__init__()
         self.residual_in_fp32 = config.residual_in_fp32
         self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
-        self.mixer = MambaMixer(config)
+        self.mixer = Mamba2Mixer(config) if config.layer == "Mamba2" else MambaMixer(config)
 
     def add(self, hidden, residual):
         residual = hidden if residual is None else residual + hidden

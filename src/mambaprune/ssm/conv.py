@@ -46,3 +46,12 @@ def causal_conv1d_update(x: torch.Tensor, conv_state: torch.Tensor, weight: torc
     if bias is not None:
         y = y + bias.float()
     return _activate(y, activation).to(x.dtype)
+
+
+def causal_conv1d_final_state(x: torch.Tensor, width: int) -> torch.Tensor:
+    """The decoding conv state after a prefill of x (batch, L, channels): the last ``width`` inputs as
+    (batch, channels, width), zero-filled at the front when L < width (mamba_ssm's
+    ``F.pad(x, (width - L, 0))`` in ``modules/mamba2.py``, line 221, which also truncates when L > width)."""
+    L = x.shape[1]
+    tail = x[:, L - width:] if L >= width else F.pad(x, (0, 0, width - L, 0))
+    return tail.transpose(1, 2).contiguous()
