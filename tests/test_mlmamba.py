@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ pytest.importorskip("transformers")
 
 from mambaprune.models import CheckpointError, available_models, load_model  # noqa: E402
 from mambaprune.models.bimamba2 import BidirectionalMamba2, bimamba2_config  # noqa: E402
+from mambaprune.models.checkpoints import mamba2_config_from_mixer, mamba_config_from_state  # noqa: E402
 from mambaprune.models.cobra import cobra_vqa_prompt  # noqa: E402
 from mambaprune.models.mamba_lm import MambaConfig, MambaLM  # noqa: E402
 from mambaprune.models.mlmamba import (MLMAMBA_SPEC, load_mlmamba, random_mlmamba,  # noqa: E402
@@ -69,8 +72,7 @@ def _direction_loop(zxbcdt, z, mixer, suffix, dims):
     return out * mixer.norm.weight.double()
 
 
-def _mixer_loop(mixer, u):
-    cfg = mixer.config
+def _mixer_loop(mixer, u, cfg):
     d_inner = cfg.expand * cfg.d_model
     dims = (d_inner, cfg.ngroups, cfg.d_state, d_inner // cfg.headdim, cfg.headdim)
     zxbcdt = u @ mixer.in_proj.weight.double().T
@@ -91,7 +93,7 @@ def _stack_loop(stack, u):
     a final LayerNorm."""
     h = u.double()
     for block in stack.layers:
-        h = h + _mixer_loop(block.mixer, h)
+        h = h + _mixer_loop(block.mixer, h, stack.config)
         n = _layer_norm(h, block.norm)
         mlp = block.mlp
         lin = [(w.weight.double(), w.bias.double()) for w in (mlp.w1, mlp.w2, mlp.w3)]
@@ -153,6 +155,21 @@ def test_released_connector_shapes():
     assert shapes["layers.0.mixer.A_log_b"] == (80,) and shapes["layers.0.mixer.norm.weight"] == (5120,)
     assert shapes["layers.0.mixer.out_proj.weight"] == (2560, 5120) and shapes["layers.0.mlp.w2.weight"] == (2560, 2560)
     assert shapes["norm_f.bias"] == (2560,) and len(stack.layers) == 2
+    back = mamba2_config_from_mixer(stack.state_dict(), "layers.0.mixer.", "meta", n_layer=2)
+    assert (back.d_model, back.d_state, back.headdim, back.ngroups, back.expand, back.d_conv) == (2560, 128, 64, 1, 2, 4)
+
+
+def test_the_mamba2_llm_shape_is_read_from_its_tensors():
+    """mamba2-2.7b's tensors (on the meta device, tied lm_head left out as a state may leave it) give its config."""
+    with torch.device("meta"):
+        lm = MambaLM(MambaConfig(layer="Mamba2", d_model=2560, n_layer=64, vocab_size=50277, d_state=128,
+                                 pad_vocab_size_multiple=16))
+    state = {k: v for k, v in lm.state_dict().items() if k != "lm_head.weight"}
+    assert state["backbone.embedding.weight"].shape == (50288, 2560)
+    assert state["backbone.layers.63.mixer.in_proj.weight"].shape == (10576, 2560)
+    cfg = mamba_config_from_state(state, "meta")
+    assert (cfg.layer, cfg.d_model, cfg.n_layer, cfg.d_state, cfg.headdim, cfg.ngroups, cfg.expand, cfg.d_ssm,
+            cfg.padded_vocab_size, cfg.tie_embeddings) == ("Mamba2", 2560, 64, 128, 64, 1, 2, None, 50288, True)
 
 
 # ------------------------------------------------------------------------------------------ the model
@@ -230,7 +247,10 @@ def test_load_puts_every_tensor_in_place_and_answers_the_same(mlmamba, files):
         assert len(state) == len(parts[part]), part
         for key, value in parts[part].items():
             assert torch.equal(state[key[len(strip):]], value), (part, key)
-    assert loaded.lm.config.layer == "Mamba2" and loaded.lm.config.n_layer == 3 and loaded.lm.config.tie_embeddings
+    fields = ("layer", "d_model", "n_layer", "d_state", "headdim", "ngroups", "expand", "d_conv", "padded_vocab_size",
+              "tie_embeddings")
+    assert [getattr(loaded.lm.config, f) for f in fields] == [getattr(mlmamba.lm.config, f) for f in fields]
+    assert loaded.projector.bidirectional_mamba.config.headdim == 8 and loaded.projector.projector.hidden_dim == 128
     for name in ("dino", "siglip"):
         got, ref = loaded.vision.towers[name].model.state_dict(), mlmamba.vision.towers[name].model.state_dict()
         assert set(got) == set(ref) and all(torch.equal(got[k], ref[k]) for k in ref), name
@@ -299,7 +319,26 @@ def test_missing_arguments_and_files_say_what_goes_there(files, tmp_path):
     cobra_like = _edited(files, tmp_path, lambda m: [m.pop(k) for k in ("mlp", "bidirectional_mamba")])
     with pytest.raises(CheckpointError, match="missing part 'mlp'"):
         load(files, checkpoint=cobra_like)
-    assert "mlmamba" in available_models()
+
+
+def test_registered_without_importing_the_module():
+    code = "from mambaprune.models import available_models; print(available_models())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "'mlmamba'" in out and "mlmamba" in available_models()
+
+
+def test_bf16_model_runs_close_to_fp32(mlmamba, files):
+    loaded = load(files, dtype=torch.bfloat16)
+    assert loaded.projector.bidirectional_mamba.layers[1].mixer.D_b.dtype == torch.bfloat16
+    prep = loaded.prepare(make_image(4), QUESTION)
+    out = loaded.prefill(prep)
+    assert torch.isfinite(out.logits.float()).all()
+    with torch.no_grad():
+        features = mlmamba.vision(prep.pixels)
+        ref = mlmamba.projector.bidirectional_mamba(mlmamba.projector.mlp(features))
+        got = loaded.projector.bidirectional_mamba(loaded.projector.mlp(features.bfloat16()))
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.1)
 
 
 def test_sequence_layout_729_visual_tokens_then_cobras_prompt(mlmamba):

@@ -30,112 +30,68 @@ dt_bias_b, A_log, A_log_b, D, D_b, norm, out_proj}``, ``layers.{i}.mlp.{w1, w2, 
 """
 from __future__ import annotations
 
-import re
-from dataclasses import dataclass
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ssm.conv import causal_conv1d
 from ..ssm.ssd import ssd_scan
-from .checkpoints import CheckpointError, load_state_checked
+from .checkpoints import CheckpointError, layer_count, load_state_checked, mamba2_config_from_mixer
+from .mamba2 import Mamba2Mixer
+from .mamba_lm import MambaConfig
 
 
-@dataclass(frozen=True)
-class BiMamba2Config:
-    """Shape of a ``Bidirectional_Mamba``: Mamba-2's mixer hyper-parameters (``mamba_ssm.modules.mamba2.Mamba2``'s
-    defaults, which ``state-spaces/mamba2-2.7b``'s ``ssm_cfg`` leaves as they are) and two layers."""
-
-    d_model: int = 2560
-    n_layer: int = 2
-    d_state: int = 128
-    d_conv: int = 4
-    expand: int = 2
-    headdim: int = 64
-    ngroups: int = 1
-    chunk_size: int = 256
-    conv_bias: bool = True
-    bias: bool = False
-    norm_eps: float = 1e-5
-
-    def __post_init__(self):
-        for name in ("d_model", "n_layer", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"BiMamba2Config.{name} must be a positive integer, got {value!r}")
-        if self.d_inner % self.headdim:
-            raise ValueError(f"BiMamba2Config: d_inner {self.d_inner} is not a multiple of headdim {self.headdim}")
-        if self.nheads % self.ngroups:
-            raise ValueError(f"BiMamba2Config: {self.nheads} heads do not split into {self.ngroups} groups")
-
-    @property
-    def d_inner(self) -> int:
-        return self.expand * self.d_model
-
-    @property
-    def nheads(self) -> int:
-        return self.d_inner // self.headdim
-
-    @property
-    def conv_dim(self) -> int:
-        return self.d_inner + 2 * self.ngroups * self.d_state
+def bimamba2_config(d_model: int = 2560, **fields) -> MambaConfig:
+    """The config ``Bidirectional_Mamba`` is built from: the LLM's mamba_ssm config (``state-spaces/mamba2-2.7b``:
+    ``ssm_cfg={"layer": "Mamba2"}``, so ``Mamba2``'s defaults d_state 128, d_conv 4, expand 2, headdim 64,
+    ngroups 1, chunk 256; vocabulary 50277 padded to 16, unused here) with two layers; ``fields`` override."""
+    return MambaConfig(**{"layer": "Mamba2", "d_model": d_model, "n_layer": 2, "d_state": 128, "vocab_size": 50277,
+                          "pad_vocab_size_multiple": 16, **fields})
 
 
-class GatedRMSNorm(nn.Module):
-    """mamba_ssm's ``layernorm_gated.RMSNorm`` with ``norm_before_gate=False``: ``g = x * silu(z)``, then each group
-    of ``group_size`` channels ``g / sqrt(mean(g^2) + eps) * weight``, in fp32, returned in ``x``'s dtype."""
-
-    def __init__(self, d: int, group_size: int, eps: float = 1e-5):
-        super().__init__()
-        if d % group_size:
-            raise ValueError(f"GatedRMSNorm: {d} channels do not split into groups of {group_size}")
-        self.eps, self.group_size = eps, group_size
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        g = x.float() * F.silu(z.float())
-        grouped = g.unflatten(-1, (-1, self.group_size))
-        g = (grouped * torch.rsqrt(grouped.square().mean(-1, keepdim=True) + self.eps)).flatten(-2)
-        return (g * self.weight.float()).to(x.dtype)
-
-
-class BiMamba2Mixer(nn.Module):
+class BiMamba2Mixer(Mamba2Mixer):
     """``Mamba2(bimamba_type="v2")``: a forward and a time-reversed SSD scan sharing ``in_proj``, the gated norm and
-    ``out_proj``, averaged (see the module docstring)."""
+    ``out_proj``, averaged (see the module docstring). The forward direction's tensors and the shared ones are
+    :class:`~mambaprune.models.mamba2.Mamba2Mixer`'s; ``conv1d_b``, ``dt_bias_b``, ``A_log_b``, ``D_b`` are the
+    backward direction's, initialised as copies (as the fork does)."""
 
-    def __init__(self, config: BiMamba2Config):
-        super().__init__()
-        c = config
-        self.config = c
-        self.in_proj = nn.Linear(c.d_model, 2 * c.d_inner + 2 * c.ngroups * c.d_state + c.nheads, bias=c.bias)
-        for suffix in ("", "_b"):
-            setattr(self, "conv1d" + suffix, nn.Conv1d(c.conv_dim, c.conv_dim, kernel_size=c.d_conv, groups=c.conv_dim,
-                                                       padding=c.d_conv - 1, bias=c.conv_bias))
-            self.register_parameter("dt_bias" + suffix, nn.Parameter(torch.zeros(c.nheads)))
-            self.register_parameter("A_log" + suffix, nn.Parameter(torch.zeros(c.nheads)))
-            self.register_parameter("D" + suffix, nn.Parameter(torch.ones(c.nheads)))
-        self.norm = GatedRMSNorm(c.d_inner, c.d_inner // c.ngroups, c.norm_eps)
-        self.out_proj = nn.Linear(c.d_inner, c.d_model, bias=c.bias)
+    def __init__(self, config: MambaConfig):
+        super().__init__(config)
+        if self.d_mlp or not self.rmsnorm:
+            raise ValueError("the bidirectional Mamba-2 mixer is built with its SSM on all channels (d_ssm = d_inner) "
+                             "and the gated RMSNorm, as the released model")
+        self.conv1d_b = nn.Conv1d(self.conv_dim, self.conv_dim, kernel_size=config.d_conv, groups=self.conv_dim,
+                                  padding=config.d_conv - 1, bias=config.conv_bias)
+        with torch.no_grad():
+            self.conv1d_b.load_state_dict(self.conv1d.state_dict())
+        self.dt_bias_b = nn.Parameter(self.dt_bias.detach().clone())
+        self.A_log_b = nn.Parameter(self.A_log.detach().clone())
+        self.D_b = nn.Parameter(self.D.detach().clone())
 
-    def direction(self, z, xBC, dt, backward: bool) -> torch.Tensor:
-        """One direction in its own time order: conv + SiLU, SSD scan, gated norm; (batch, L, d_inner)."""
-        c, suffix = self.config, "_b" if backward else ""
+    def direction(self, z: torch.Tensor, xBC: torch.Tensor, dt: torch.Tensor, backward: bool) -> torch.Tensor:
+        """One direction, in its own time order: conv + SiLU, the SSD scan with Δ = softplus(dt + dt_bias) clamped
+        to dt_limit and the skip D, then the shared gated norm; (batch, L, d_inner) in the input's dtype (the scan
+        output is rounded to it first, as the fused kernel writes it)."""
+        suffix = "_b" if backward else ""
         conv = getattr(self, "conv1d" + suffix)
         xBC = causal_conv1d(xBC, conv.weight[:, 0, :], conv.bias, activation="silu")
-        x, B, C = torch.split(xBC, [c.d_inner, c.ngroups * c.d_state, c.ngroups * c.d_state], dim=-1)
-        A = -torch.exp(getattr(self, "A_log" + suffix).float())
-        y = ssd_scan(x.unflatten(-1, (c.nheads, c.headdim)), dt, A, B.unflatten(-1, (c.ngroups, c.d_state)),
-                     C.unflatten(-1, (c.ngroups, c.d_state)), c.chunk_size, D=getattr(self, "D" + suffix),
-                     dt_bias=getattr(self, "dt_bias" + suffix), dt_softplus=True)
-        return self.norm(y.flatten(-2).to(x.dtype), z)
+        x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
+        D = getattr(self, "D" + suffix)
+        y = ssd_scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, -torch.exp(getattr(self, "A_log" + suffix).float()),
+                     B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
+                     self.chunk_size, D=D.view(self.nheads, self.headdim) if self.D_has_hdim else D,
+                     dt_bias=getattr(self, "dt_bias" + suffix), dt_softplus=True, dt_limit=self.dt_limit)
+        return self.norm(y.flatten(-2).to(z.dtype), z)
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        z, xBC, dt = torch.split(self.in_proj(u), [c.d_inner, c.conv_dim, c.nheads], dim=-1)
+        """(batch, L, d_model) -> (batch, L, d_model): ``out_proj((fwd + flip(bwd(flip(in_proj u)))) / 2)``."""
+        _, _, z, xBC, dt = self._split(self.in_proj(u))
         forward = self.direction(z, xBC, dt, backward=False)
         backward = self.direction(z.flip(1), xBC.flip(1), dt.flip(1), backward=True).flip(1)
         return self.out_proj((forward + backward) / 2)
+
+    def step(self, x, state):
+        raise NotImplementedError("the bidirectional Mamba-2 mixer reads the whole sequence; it has no one-token step")
 
 
 class SwiGLU(nn.Module):
@@ -152,7 +108,7 @@ class SwiGLU(nn.Module):
 class BiMamba2Block(nn.Module):
     """``h + mixer(h)`` (no norm before the mixer), then ``+ mlp(norm(h))`` with a LayerNorm."""
 
-    def __init__(self, config: BiMamba2Config):
+    def __init__(self, config: MambaConfig):
         super().__init__()
         self.norm = nn.LayerNorm(config.d_model)
         self.mixer = BiMamba2Mixer(config)
@@ -164,10 +120,12 @@ class BiMamba2Block(nn.Module):
 
 
 class BidirectionalMamba2(nn.Module):
-    """``Bidirectional_Mamba``: ``n_layer`` (2) bidirectional blocks, then a LayerNorm; (b, L, d) -> (b, L, d)."""
+    """``Bidirectional_Mamba``: ``config.n_layer`` (2) bidirectional blocks, then a LayerNorm; (b, L, d) -> (b, L, d)."""
 
-    def __init__(self, config: BiMamba2Config):
+    def __init__(self, config: MambaConfig):
         super().__init__()
+        if config.layer != "Mamba2":
+            raise ValueError(f"BidirectionalMamba2 is built from a Mamba-2 config, got layer={config.layer!r}")
         self.config = config
         self.layers = nn.ModuleList(BiMamba2Block(config) for _ in range(config.n_layer))
         self.norm_f = nn.LayerNorm(config.d_model)
@@ -178,39 +136,16 @@ class BidirectionalMamba2(nn.Module):
         return self.norm_f(hidden)
 
 
-def bimamba2_config_from_state(state: dict[str, torch.Tensor], source: str, *, ngroups: int = 1,
-                               chunk_size: int = 256) -> BiMamba2Config:
-    """The :class:`BiMamba2Config` of a saved ``Bidirectional_Mamba`` state, read from the tensor shapes: width,
-    depth, heads, head size, d_state, conv width and biases. ``ngroups`` cannot be read from the shapes (only
-    ``ngroups * d_state`` can); the released model has Mamba-2's default 1."""
-    def need(key):
-        if key not in state:
-            raise CheckpointError(f"cannot read the bidirectional Mamba-2's shape from {source}: missing key {key!r}")
-        return state[key]
-
-    layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"layers\.(\d+)\.", k))})
-    if not layers or layers != list(range(len(layers))):
-        raise CheckpointError(f"{source}: the layers found are {layers[:10]}, expected 0..n-1")
-    mixer = "layers.0.mixer."
-    d_inner, d_model = need(mixer + "out_proj.weight").shape
-    nheads = need(mixer + "A_log").shape[0]
-    conv_dim, _, d_conv = need(mixer + "conv1d.weight").shape
-    if nheads < 1 or d_inner % nheads or d_inner % d_model or (conv_dim - d_inner) % (2 * ngroups):
-        raise CheckpointError(f"{source}: inconsistent shapes (out_proj {d_inner} x {d_model}, {nheads} heads, "
-                              f"conv channels {conv_dim}, ngroups {ngroups})")
-    try:
-        return BiMamba2Config(d_model=d_model, n_layer=len(layers), d_state=(conv_dim - d_inner) // (2 * ngroups),
-                              d_conv=d_conv, expand=d_inner // d_model, headdim=d_inner // nheads, ngroups=ngroups,
-                              chunk_size=chunk_size, conv_bias=mixer + "conv1d.bias" in state,
-                              bias=mixer + "in_proj.bias" in state)
-    except ValueError as e:
-        raise CheckpointError(f"{source}: {e}") from e
-
-
 def bidirectional_mamba2_from_state(state: dict[str, torch.Tensor], source: str, *,
                                     ngroups: int = 1) -> BidirectionalMamba2:
-    """A :class:`BidirectionalMamba2` holding ``state`` (the fork's names), its shape read from the tensors; a
-    missing, unexpected or mis-shaped key raises :class:`CheckpointError` naming it."""
-    module = BidirectionalMamba2(bimamba2_config_from_state(state, source, ngroups=ngroups))
+    """A :class:`BidirectionalMamba2` holding ``state`` (the fork's names), its shape read from the tensors
+    (:func:`~mambaprune.models.checkpoints.mamba2_config_from_mixer` on layer 0's mixer; ``ngroups``: the
+    released 1); a missing, unexpected or mis-shaped key raises :class:`CheckpointError` naming it."""
+    config = mamba2_config_from_mixer(state, "layers.0.mixer.", source, ngroups=ngroups,
+                                      n_layer=layer_count(state, "layers.", source))
+    try:
+        module = BidirectionalMamba2(config)
+    except ValueError as e:
+        raise CheckpointError(f"cannot load {source}: {e}") from e
     load_state_checked(module, state, source)
     return module

@@ -37,8 +37,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .bimamba2 import BidirectionalMamba2, BiMamba2Config, bidirectional_mamba2_from_state
-from .checkpoints import CheckpointError, load_state_checked
+from .bimamba2 import BidirectionalMamba2, bidirectional_mamba2_from_state, bimamba2_config
+from .checkpoints import CheckpointError, build_from_state, load_state_checked, mamba_config_from_state
 from .cobra import (COBRA_FOLDERS, COBRA_RUN_CONFIG, COBRA_SPEC, COBRA_VISION_BACKBONES, check_run_config,
                     fused_projector_from_state, load_dinosiglip, random_dinosiglip, read_run_checkpoint,
                     read_run_config, resolve_dinosiglip_folders, save_dinosiglip)
@@ -123,28 +123,24 @@ def build_mlmamba(vision: FusedViTTower, connector: MambaScanConnector, lm: Mamb
 def random_mlmamba(lm: MambaLM, tokenizer, *, image_size: int = 384, patch_size: int = 14, dino: dict | None = None,
                    siglip: dict | None = None, bimamba: dict | None = None, seed: int = 0) -> MambaVLM:
     """ML-Mamba's architecture with random towers and connector around ``lm`` (for tests): towers as
-    :func:`~mambaprune.models.cobra.random_dinosiglip`, connector ``lm``'s width, ``bimamba`` fields of its
-    :class:`~mambaprune.models.bimamba2.BiMamba2Config` (small by default). The SSM parameters are drawn in the
-    ranges Mamba-2 initialises them in, so both directions matter."""
+    :func:`~mambaprune.models.cobra.random_dinosiglip`, the connector ``lm``'s width, ``bimamba`` fields of its
+    config (:func:`~mambaprune.models.bimamba2.bimamba2_config`; small by default). The backward direction's
+    SSM parameters are drawn apart from the forward one's, in the ranges Mamba-2 initialises them in."""
     vision = random_dinosiglip(image_size=image_size, patch_size=patch_size, dino=dino, siglip=siglip, seed=seed)
     d = lm.config.d_model
-    cfg = BiMamba2Config(**{"d_model": d, "d_state": 8, "headdim": 8, "chunk_size": 16, **(bimamba or {})})
+    config = bimamba2_config(**{"d_model": d, "d_state": 8, "headdim": 8, "chunk_size": 64, **(bimamba or {})})
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        bimamba_module = BidirectionalMamba2(cfg)
+        stack = BidirectionalMamba2(config)
         with torch.no_grad():
-            for name, p in bimamba_module.named_parameters():
-                leaf = name.rsplit(".", 1)[-1]
-                if leaf.startswith("A_log"):
-                    p.copy_(torch.empty_like(p).uniform_(1, 16).log())
-                elif leaf.startswith("dt_bias"):
-                    dt = torch.empty_like(p).uniform_(-7.0, -2.3).exp()        # dt in [1e-3, 0.1], as Mamba2 draws it
-                    p.copy_(dt + torch.log(-torch.expm1(-dt)))
-                elif leaf.startswith("D") or leaf == "weight" and p.dim() == 1:
-                    p.copy_(torch.empty_like(p).uniform_(0.5, 1.5))
-                elif leaf == "bias":
-                    p.copy_(torch.randn_like(p) * 0.1)
-        connector = MambaScanConnector(gelu_mlp(vision.dim, d), bimamba_module, MLPProjector(d, d))
+            for layer in stack.layers:
+                mixer = layer.mixer
+                mixer.A_log_b.uniform_(1, 16).log_()
+                dt = torch.empty_like(mixer.dt_bias_b).uniform_(-6.9, -2.3).exp()    # Δ in [1e-3, 0.1]
+                mixer.dt_bias_b.copy_(dt + torch.log(-torch.expm1(-dt)))
+                mixer.D_b.uniform_(0.5, 1.5)
+                mixer.conv1d_b.reset_parameters()
+        connector = MambaScanConnector(gelu_mlp(vision.dim, d), stack, MLPProjector(d, d))
     return build_mlmamba(vision, connector, lm.eval(), tokenizer).eval()
 
 
@@ -222,7 +218,6 @@ def load_mlmamba(checkpoint=None, *, dino_dir=None, siglip_dir=None, tokenizer_d
     A path left out or not found is a :class:`CheckpointError` naming it and the public weights it takes; a
     missing, unexpected or mis-shaped tensor is one naming it.
     """
-    from .checkpoints import mamba_lm_from_state
     from .hub import check_given, resolve_argument
 
     check_given("mlmamba", MLMAMBA_FOLDERS, dict(checkpoint=checkpoint, dino_dir=dino_dir, siglip_dir=siglip_dir,
@@ -236,7 +231,8 @@ def load_mlmamba(checkpoint=None, *, dino_dir=None, siglip_dir=None, tokenizer_d
     connector = connector_from_state(mlp, bimamba, projector, str(ckpt))
     if llm_state and all(k.startswith("llm.") for k in llm_state):
         llm_state = {k[len("llm."):]: v for k, v in llm_state.items()}
-    lm = mamba_lm_from_state(llm_state, f"{ckpt} (model.llm_backbone)")
+    source = f"{ckpt} (model.llm_backbone)"
+    lm = build_from_state(MambaLM, mamba_config_from_state(llm_state, source), llm_state, source)
     vision = load_dinosiglip(dino_dir, siglip_dir, image_size=COBRA_VISION_BACKBONES[model_cfg["vision_backbone_id"]],
                              resize=model_cfg["image_resize_strategy"])
     model = build_mlmamba(vision, connector, lm, load_tokenizer(tokenizer_dir))
