@@ -156,7 +156,8 @@ def test_released_connector_shapes():
     assert shapes["layers.0.mixer.out_proj.weight"] == (2560, 5120) and shapes["layers.0.mlp.w2.weight"] == (2560, 2560)
     assert shapes["norm_f.bias"] == (2560,) and len(stack.layers) == 2
     back = mamba2_config_from_mixer(stack.state_dict(), "layers.0.mixer.", "meta", n_layer=2)
-    assert (back.d_model, back.d_state, back.headdim, back.ngroups, back.expand, back.d_conv) == (2560, 128, 64, 1, 2, 4)
+    assert (back.d_model, back.d_state, back.headdim, back.ngroups, back.expand, back.d_conv) == \
+        (2560, 128, 64, 1, 2, 4)
 
 
 def test_the_mamba2_llm_shape_is_read_from_its_tensors():

@@ -4,25 +4,27 @@ ML-Mamba (Huang et al., 2024; code ``WenjunHuang94/ML-Mamba``) puts ``Bidirectio
 (``WenjunHuang94/mamba``) between the visual features and the LLM (the paper's "Mamba-2 Scan Connector"). What
 the fork computes, and what is reproduced here:
 
-* **Stack** (``mamba_ssm/models/mixer_seq_simple.py``, ``Bidirectional_Mamba``): built from the LLM's mamba_ssm
-  config (``state-spaces/mamba2-2.7b``: d_model 2560, ``ssm_cfg={"layer": "Mamba2"}``, ``d_intermediate=0``)
-  but with two layers, each a block with ``bimamba_type="v2"``, then ``norm_f = nn.LayerNorm(d_model)``
-  (default eps 1e-5, with a bias). The residual stream of the LLM's blocks is not used: each block returns its
-  new hidden state.
-* **Block** (``mamba_ssm/modules/block.py``, ``Block`` with ``bimamba_type="v2"`` and ``d_intermediate=0``):
-  ``h = h + mixer(h)`` with *no* norm in front of the mixer, then ``h = h + mlp(norm(h))`` where ``norm`` is an
-  ``nn.LayerNorm(d_model)`` (it replaces the RMSNorm the block first builds) and ``mlp`` the SwiGLU
-  ``w3(silu(w1 h) * w2 h)`` (three ``Linear(d_model, d_model)`` with biases; its optional inner LayerNorm is off).
-  Drop-path is 0 for both layers (``torch.linspace(0, 0.1, 2)`` shifted by one entry), and off at inference anyway.
-* **Mixer** (``mamba_ssm/modules/mamba2.py``, ``Mamba2`` with ``bimamba_type="v2"``; the path taken without an
-  inference cache, ``use_mem_eff_path``): one ``in_proj`` gives ``[z, xBC, dt]`` (Mamba-2 defaults: d_state 128,
-  d_conv 4, expand 2, headdim 64, ngroups 1, no ``in_proj``/``out_proj`` bias, conv bias). The forward direction
-  is Mamba-2's SSD (Dao & Gu 2024, Eq. (1) with a scalar ``A`` per head): conv ``conv1d`` + SiLU, scan with
-  ``dt_bias``, ``A_log``, ``D``, then the gated RMSNorm ``norm(y * silu(z))`` (``norm_before_gate=False``, groups
-  of ``d_inner / ngroups``, eps 1e-5). The backward direction runs the same on the whole ``in_proj`` output
-  flipped in time, with its own ``conv1d_b``, ``dt_bias_b``, ``A_log_b`` and ``D_b`` but the *shared* gated norm,
-  and is flipped back. Both directions are averaged, ``out_proj((y_fwd + y_bwd) / 2)``, always: the
-  ``if_devide_out`` flag the block passes is stored by ``Mamba2`` and never read.
+* **Stack** (``mamba_ssm/models/mixer_seq_simple.py``, ``Bidirectional_Mamba``, lines 232-316): built from the
+  LLM's mamba_ssm config (``state-spaces/mamba2-2.7b``: d_model 2560, ``ssm_cfg={"layer": "Mamba2"}``,
+  ``d_intermediate=0``) but with two layers (line 242), each a block with ``bimamba_type="v2"``, then
+  ``norm_f = nn.LayerNorm(d_model)`` (line 288: default eps 1e-5, with a bias). The residual stream of the LLM's
+  blocks is not used: each block returns its new hidden state.
+* **Block** (``mamba_ssm/modules/block.py``, ``Block`` with ``bimamba_type="v2"`` and ``d_intermediate=0``,
+  lines 61-64 and 92-96): ``h = h + mixer(h)`` with *no* norm in front of the mixer, then
+  ``h = h + mlp(norm(h))`` where ``norm`` is an ``nn.LayerNorm(d_model)`` (it replaces the RMSNorm the block
+  first builds) and ``mlp`` the SwiGLU ``w3(silu(w1 h) * w2 h)`` (three ``Linear(d_model, d_model)`` with biases;
+  its optional inner LayerNorm is off). Drop-path is 0 for both layers (``torch.linspace(0, 0.1, 2)`` shifted by
+  one entry, line 254), and off at inference anyway.
+* **Mixer** (``mamba_ssm/modules/mamba2.py``, ``Mamba2`` with ``bimamba_type="v2"``, lines 139-157 and 202-245,
+  the path taken without an inference cache, ``use_mem_eff_path``): one ``in_proj`` gives ``[z, xBC, dt]``
+  (Mamba-2 defaults: d_state 128, d_conv 4, expand 2, headdim 64, ngroups 1, no ``in_proj``/``out_proj`` bias,
+  conv bias). The forward direction is Mamba-2's SSD (Dao & Gu 2024, Eq. (1) with a scalar ``A`` per head):
+  conv ``conv1d`` + SiLU, scan with ``dt_bias``, ``A_log``, ``D``, then the gated RMSNorm ``norm(y * silu(z))``
+  (``norm_before_gate=False``, groups of ``d_inner / ngroups``, eps 1e-5). The backward direction runs the same
+  on the whole ``in_proj`` output flipped in time (line 224), with its own ``conv1d_b``, ``dt_bias_b``,
+  ``A_log_b`` and ``D_b`` but the *shared* gated norm, and is flipped back. Both directions are averaged,
+  ``out_proj((y_fwd + y_bwd) / 2)`` (line 243), always: the ``if_devide_out`` flag the block passes is stored by
+  ``Mamba2`` and never read.
 
 Weight names are the fork's (``layers.{i}.norm``, ``layers.{i}.mixer.{in_proj, conv1d, conv1d_b, dt_bias,
 dt_bias_b, A_log, A_log_b, D, D_b, norm, out_proj}``, ``layers.{i}.mlp.{w1, w2, w3}``, ``norm_f``), so a saved
@@ -77,7 +79,8 @@ class BiMamba2Mixer(Mamba2Mixer):
         xBC = causal_conv1d(xBC, conv.weight[:, 0, :], conv.bias, activation="silu")
         x, B, C = torch.split(xBC, [self.d_ssm, self.ngroups * self.d_state, self.ngroups * self.d_state], dim=-1)
         D = getattr(self, "D" + suffix)
-        y = ssd_scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, -torch.exp(getattr(self, "A_log" + suffix).float()),
+        A = -torch.exp(getattr(self, "A_log" + suffix).float())
+        y = ssd_scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
                      B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
                      self.chunk_size, D=D.view(self.nheads, self.headdim) if self.D_has_hdim else D,
                      dt_bias=getattr(self, "dt_bias" + suffix), dt_softplus=True, dt_limit=self.dt_limit)
@@ -120,7 +123,8 @@ class BiMamba2Block(nn.Module):
 
 
 class BidirectionalMamba2(nn.Module):
-    """``Bidirectional_Mamba``: ``config.n_layer`` (2) bidirectional blocks, then a LayerNorm; (b, L, d) -> (b, L, d)."""
+    """``Bidirectional_Mamba``: ``config.n_layer`` (2) bidirectional blocks, then a LayerNorm;
+    (batch, L, d_model) -> (batch, L, d_model)."""
 
     def __init__(self, config: MambaConfig):
         super().__init__()

@@ -455,8 +455,9 @@ def mamba_config_from_state(state: dict[str, torch.Tensor], source: str, *, ngro
     d_inner = need(mixer + "in_proj.weight").shape[0] // 2
     if d_inner % d_model:
         raise CheckpointError(f"{source}: d_inner {d_inner} is not a multiple of d_model {d_model}")
-    return MambaConfig(d_model=d_model, d_state=need(mixer + "A_log").shape[1], d_conv=need(mixer + "conv1d.weight").shape[-1],
-                       expand=d_inner // d_model, dt_rank=need(mixer + "dt_proj.weight").shape[1],
+    return MambaConfig(d_model=d_model, d_state=need(mixer + "A_log").shape[1],
+                       d_conv=need(mixer + "conv1d.weight").shape[-1], expand=d_inner // d_model,
+                       dt_rank=need(mixer + "dt_proj.weight").shape[1],
                        conv_bias=mixer + "conv1d.bias" in state, bias=mixer + "in_proj.bias" in state, **common)
 
 

@@ -5,29 +5,33 @@ ML-Mamba is Cobra's code base (``cobra/`` renamed ``mlmamba/``) with a Mamba-2 L
 connector. What the released code does, and what this builder reproduces:
 
 * **Checkpoint**: ``torch.save({"model": {"llm_backbone", "mlp", "bidirectional_mamba", "projector"}})``
-  (``mlmamba/training/strategies/fsdp.py``, ``save_checkpoint``: each part is the VLM's state dict with the
-  module's prefix removed, ``llm_backbone.llm.`` for the LLM). So the LLM keys are bare mamba_ssm names
-  (``backbone.embedding.weight``, ``backbone.layers.{i}.{norm,mixer.*}``, ``backbone.norm_f.weight``,
+  (``mlmamba/training/strategies/fsdp.py``, ``save_checkpoint``, lines 117-139: each part is the VLM's state
+  dict with the module's prefix removed, ``llm_backbone.llm.`` for the LLM). So the LLM keys are bare mamba_ssm
+  names (``backbone.embedding.weight``, ``backbone.layers.{i}.{norm,mixer.*}``, ``backbone.norm_f.weight``,
   ``lm_head.weight``; keys with Cobra's ``llm.`` prefix are accepted too), ``mlp`` holds ``0.{weight,bias}``,
   ``bidirectional_mamba`` the fork's ``Bidirectional_Mamba`` names (:mod:`~mambaprune.models.bimamba2`) and
-  ``projector`` ``projector.{0,2,4}.{weight,bias}``. ``MLMambaVLM.from_pretrained`` loads all four strictly.
-* **Where it is**: ``mlmamba.load("mlmamba+3b")`` downloads ``latest-checkpoint.pt`` from the root of the hub repo
-  ``huangwenjun1994/ML-Mamba`` and reads the run config from the code's own ``mlmamba/conf/config.json``
-  (:data:`MLMAMBA_RUN_CONFIG`); a local run folder has ``config.json`` and ``checkpoints/latest-checkpoint.pt``.
-  In both cases ``load()`` then overrides ``llm_backbone_id`` with ``"mamba2-2.7b"``, so that field is not read here.
+  ``projector`` ``projector.{0,2,4}.{weight,bias}``. ``MLMambaVLM.from_pretrained`` loads all four strictly
+  (``mlmamba/models/vlms/mlmamba.py``, lines 182-185).
+* **Where it is** (``mlmamba/models/load.py``, lines 60-80): ``mlmamba.load("mlmamba+3b")`` downloads
+  ``latest-checkpoint.pt`` from the root of the hub repo ``huangwenjun1994/ML-Mamba`` and reads the run config
+  from the code's own ``mlmamba/conf/config.json`` (:data:`MLMAMBA_RUN_CONFIG`); a local run folder has
+  ``config.json`` and ``checkpoints/latest-checkpoint.pt``. In both cases ``load()`` then overrides
+  ``llm_backbone_id`` with ``"mamba2-2.7b"``, so that field is not read here.
 * **LLM**: mamba_ssm's ``MambaLMHeadModel`` built from ``state-spaces/mamba2-2.7b``'s config (64 Mamba-2 layers
   2560 wide, ``ssm_cfg={"layer": "Mamba2"}``: headdim 64, d_state 128, ngroups 1, expand 2; vocabulary 50277
   padded to a multiple of 16, 50288; tied ``lm_head``), its weights all from the checkpoint. Here its shape is
   read from the tensors (ngroups, which the shapes do not show, is the released 1).
-* **Connector** (``mlmamba/models/vlms/mlmamba.py``, ``forward``): ``mlp`` = ``Linear(2176, 2560) + GELU``, then
-  ``bidirectional_mamba`` (two bidirectional Mamba-2 blocks and a LayerNorm, built from the same mamba2-2.7b
-  config), then ``projector``, Cobra's ``FusedMLPProjector`` built as ``(2560, 2560)``: 2560 -> 10240 -> 2560 ->
-  2560. Here :class:`MambaScanConnector` (the paper's name), in the :class:`MambaVLM`'s projector slot.
-* **Vision, images, prompt, decoding**: Cobra's, unchanged (the same ``dinosiglip-vit-so-384px`` tower, 729
-  tokens x 2176, ``resize-naive``; the LLM id starts with "mamba" so the prompt builder is Cobra's
-  ``ZephyrChatPromptBuilder``; the tokenizer is ``xiuyul/mamba-2.8b-zephyr``'s, loaded by ``base_llm.py``; the
-  evaluation fork ``WenjunHuang94/vlm-evaluation`` is Cobra's ``h-zhao1997/vlm-evaluation`` with the model
-  renamed, same prompts, greedy, at most 128 new tokens). See :mod:`~mambaprune.models.cobra`.
+* **Connector** (``mlmamba/models/vlms/mlmamba.py``, lines 85-105 and 416-418): ``mlp`` = ``Linear(2176, 2560)
+  + GELU``, then ``bidirectional_mamba`` (two bidirectional Mamba-2 blocks and a LayerNorm, built from the same
+  mamba2-2.7b config), then ``projector``, Cobra's ``FusedMLPProjector`` built as ``(2560, 2560)``: 2560 ->
+  10240 -> 2560 -> 2560. Here :class:`MambaScanConnector` (the paper's name), in the :class:`MambaVLM`'s
+  projector slot.
+* **Vision, images, prompt, decoding**: Cobra's, unchanged: the same ``dinosiglip-vit-so-384px`` tower, 729
+  tokens x 2176, ``resize-naive``; the LLM id starts with "mamba", so the prompt builder is Cobra's
+  ``ZephyrChatPromptBuilder`` (``backbones/llm/mamba.py``, line 103); the tokenizer is
+  ``xiuyul/mamba-2.8b-zephyr``'s (``base_llm.py``, line 165); the evaluation fork ``WenjunHuang94/vlm-evaluation``
+  is Cobra's ``h-zhao1997/vlm-evaluation`` with the model renamed (same prompts and scorers, greedy, at most 128
+  new tokens), so the default protocol is ``cobra``. See :mod:`~mambaprune.models.cobra`.
 """
 from __future__ import annotations
 
@@ -110,9 +114,8 @@ def connector_from_state(mlp: dict, bidirectional_mamba: dict, projector: dict, 
                               f"(found {sorted(mlp)[:10]})")
     mlp_module = gelu_mlp(weight.shape[1], weight.shape[0])
     load_state_checked(mlp_module, mlp, f"{source} (model.mlp)")
-    return MambaScanConnector(mlp_module,
-                              bidirectional_mamba2_from_state(bidirectional_mamba, f"{source} (model.bidirectional_mamba)"),
-                              fused_projector_from_state(projector, f"{source} (model.projector)"))
+    stack = bidirectional_mamba2_from_state(bidirectional_mamba, f"{source} (model.bidirectional_mamba)")
+    return MambaScanConnector(mlp_module, stack, fused_projector_from_state(projector, f"{source} (model.projector)"))
 
 
 def build_mlmamba(vision: FusedViTTower, connector: MambaScanConnector, lm: MambaLM, tokenizer) -> MambaVLM:
