@@ -22,6 +22,7 @@ from mambaprune.models.mamba_lm import MambaConfig, MambaLM  # noqa: E402
 from mambaprune.models.mlmamba import (MLMAMBA_SPEC, load_mlmamba, random_mlmamba,  # noqa: E402
                                        save_mlmamba)
 from mambaprune.pruning import build  # noqa: E402
+from test_hub import folder_files, lay_out_hf_cache, offline  # noqa: E402,F401  (offline: a fixture)
 from test_vlm import make_image, make_tokenizer  # noqa: E402
 
 QUESTION = "What is the man holding?"
@@ -367,3 +368,16 @@ def test_generate_with_dtp_prunes_inside_the_mamba2_llm(mlmamba):
     keep_all = build("dtp", keep_ratio=1.0, early_layer=0, late_pruning=False)
     assert mlmamba.answer(img, QUESTION, pruner=keep_all, max_new_tokens=4) == \
         mlmamba.answer(img, QUESTION, max_new_tokens=4)
+
+
+def test_loads_by_repo_ids_from_the_hub_cache(mlmamba, files, offline):
+    """``huangwenjun1994/ML-Mamba`` holds ``latest-checkpoint.pt`` at its root (what ``mlmamba.load`` downloads)."""
+    lay_out_hf_cache(offline, "huangwenjun1994/ML-Mamba", {**folder_files(files["checkpoint"]),
+                                                          "README.md": b""})
+    lay_out_hf_cache(offline, "facebook/dinov2-with-registers-large", folder_files(files["dino_dir"]))
+    lay_out_hf_cache(offline, "google/siglip-so400m-patch14-384", folder_files(files["siglip_dir"]))
+    lay_out_hf_cache(offline, "xiuyul/mamba-2.8b-zephyr", folder_files(files["tokenizer_dir"]))
+    loaded = load_model("mlmamba", "huangwenjun1994/ML-Mamba", dino_dir="facebook/dinov2-with-registers-large",
+                        siglip_dir="google/siglip-so400m-patch14-384", tokenizer_dir="xiuyul/mamba-2.8b-zephyr")
+    want, got = mlmamba.state_dict(), loaded.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
