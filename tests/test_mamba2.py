@@ -1,11 +1,18 @@
 """Mamba-2: the SSD scan against its sequential reference, the layer and LM against transformers' Mamba2ForCausalLM
 and a hand-written reference, decoding, pruning hooks, padding, signals and both checkpoint layouts."""
+import json
 import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from conftest import randomize_
+from mambaprune import MambaConfig, MambaLM
+from mambaprune.models.checkpoints import CheckpointError, from_transformers_model, load_mamba_lm, save_mamba_lm
+from mambaprune.pruning import build
 from mambaprune.ssm.ssd import segsum, ssd_scan, ssd_scan_reference, ssd_state_update, time_step
+from test_mamba_lm import _drop_positions_hook, _left_pad, _run_by_hand
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,7 +85,8 @@ def test_state_update_steps_equal_the_scan():
     is advanced in fp32 and stored back as bf16."""
     t = ssd_inputs(g=3)
     gen = torch.Generator().manual_seed(2)
-    D, z, bias = torch.randn(6, 4, generator=gen), torch.randn(2, 23, 6, 4, generator=gen), torch.randn(6, generator=gen)
+    D, z = torch.randn(6, 4, generator=gen), torch.randn(2, 23, 6, 4, generator=gen)
+    bias = torch.randn(6, generator=gen)
     h0 = torch.randn(2, 6, 4, 5, generator=gen)
     kw = dict(D=D, dt_bias=bias, dt_softplus=True, dt_limit=(0.05, 2.0))
     y_scan, last = ssd_scan(**t, chunk_size=5, z=z, initial_states=h0, return_final_states=True, **kw)
@@ -132,3 +140,388 @@ def test_bad_scan_inputs_raise_value_error(bad):
         kw["initial_states"] = torch.zeros(2, 6, 4, 4)
     with pytest.raises(ValueError):
         ssd_scan(**t, **kw)
+
+
+# ---------------------------------------------------------------------------------------------- models
+HF_BASE = dict(hidden_size=32, num_heads=8, head_dim=8, n_groups=2, state_size=8, num_hidden_layers=3,
+               vocab_size=64, chunk_size=8, conv_kernel=4, expand=2, tie_word_embeddings=False)
+
+
+def hf_mamba2_pair(seed=0, **hf_kwargs):
+    """(transformers Mamba2ForCausalLM, our MambaLM) holding the same random weights, both in eval mode."""
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    hf = Mamba2ForCausalLM(Mamba2Config(**dict(HF_BASE, **hf_kwargs))).eval()
+    randomize_(hf, seed)
+    return hf, from_transformers_model(hf)
+
+
+def mamba2_lm(seed=0, **fields):
+    """Our Mamba-2 LM alone, random but far from degenerate."""
+    cfg = dict(layer="Mamba2", d_model=32, n_layer=3, vocab_size=64, d_state=8, headdim=8, ngroups=2, chunk_size=4,
+               pad_vocab_size_multiple=16, tie_embeddings=False)
+    lm = MambaLM(MambaConfig(**dict(cfg, **fields))).eval()
+    randomize_(lm, seed)
+    return lm
+
+
+@pytest.fixture(scope="module")
+def lm2():
+    """A 6-layer Mamba-2 LM with several groups and chunks of 4 tokens."""
+    return mamba2_lm(seed=1, n_layer=6)
+
+
+def greedy_by_full_forwards(forward_logits, ids, n):
+    """n greedy tokens, each from a full forward over the prompt and the tokens so far (no cache)."""
+    seq = ids
+    for _ in range(n):
+        seq = torch.cat([seq, forward_logits(seq).argmax(-1, keepdim=True)], dim=1)
+    return seq[:, ids.shape[1]:]
+
+
+HF_CONFIGS = [
+    dict(n_groups=1, chunk_size=8),
+    dict(n_groups=2, chunk_size=5),
+    dict(n_groups=4, chunk_size=16, conv_kernel=3, use_bias=True),
+    dict(n_groups=2, chunk_size=4, time_step_limit=(0.3, 0.9), tie_word_embeddings=True),
+]
+
+
+@pytest.mark.parametrize("cfg", HF_CONFIGS)
+def test_matches_transformers_mamba2(cfg):
+    """Logits of every position within 1e-4 (L = 21 is no multiple of any chunk size), identical greedy
+    generations. transformers' own cached decoding skips time_step_limit (as mamba_ssm's step does), so the
+    generations are compared with transformers' greedy run over full forwards, and with its cached generate
+    when no limit binds."""
+    hf, ours = hf_mamba2_pair(seed=3, **cfg)
+    ids = torch.randint(0, 64, (2, 21), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        out = ours(ids)
+        out_all = ours(ids, return_all_logits=True)
+        first = ours.backbone.layers[0]
+        delta = first.mixer.ssd_inputs(first.norm(ours.backbone.embedding(ids))).delta
+    if "time_step_limit" in cfg:
+        lo, hi = cfg["time_step_limit"]
+        assert bool((delta == lo).any()) and bool((delta == hi).any()), "the limit must clamp on both sides"
+    torch.testing.assert_close(out.logits, ref[:, -1], rtol=0, atol=1e-4)
+    torch.testing.assert_close(out_all.logits, ref, rtol=0, atol=1e-4)
+    gen = ours.generate(ids, max_new_tokens=10, eos_token_id=None)
+    with torch.no_grad():
+        assert torch.equal(gen, greedy_by_full_forwards(lambda s: hf(s).logits[:, -1], ids, 10))
+        if "time_step_limit" not in cfg:
+            hf.generation_config.eos_token_id = None
+            cached = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, do_sample=False)
+            assert torch.equal(gen, cached[:, ids.shape[1]:])
+    assert len(set(gen[0].tolist())) > 2, "degenerate random model: the comparison would mean little"
+
+
+# ------------------------------------------------------------------- options transformers lacks: a hand reference
+def reference_mixer(m, x, cfg):
+    """One Mamba-2 mixer written out from mamba_ssm's Mamba2.forward with F.conv1d, the sequential
+    ssd_scan_reference and the gated RMSNorm of layernorm_gated.rms_norm_ref."""
+    d_ssm = cfg.d_ssm or cfg.d_inner
+    d_mlp, h, g, n, P = cfg.d_inner - d_ssm, d_ssm // cfg.headdim, cfg.ngroups, cfg.d_state, cfg.headdim
+    z0, x0, z, xBC, dt = F.linear(x, m.in_proj.weight, m.in_proj.bias).split(
+        [d_mlp, d_mlp, d_ssm, d_ssm + 2 * g * n, h], dim=-1)
+    L = x.shape[1]
+    xBC = F.silu(F.conv1d(xBC.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, padding=cfg.d_conv - 1,
+                          groups=xBC.shape[-1])[..., :L]).transpose(1, 2)
+    xs, B, C = xBC.split([d_ssm, g * n, g * n], dim=-1)
+    y = ssd_scan_reference(xs.unflatten(-1, (h, P)), dt, -torch.exp(m.A_log), B.unflatten(-1, (g, n)),
+                           C.unflatten(-1, (g, n)), D=m.D.view(h, P) if cfg.D_has_hdim else m.D,
+                           dt_bias=m.dt_bias, dt_softplus=True, dt_limit=cfg.dt_limit).flatten(-2)
+    gate = F.silu(z)
+    if cfg.rmsnorm:
+        v = (y if cfg.norm_before_gate else y * gate).unflatten(-1, (g, d_ssm // g))
+        v = (v / torch.sqrt(v.pow(2).mean(-1, keepdim=True) + cfg.rms_norm_eps)).flatten(-2) * m.norm.weight
+        y = v * gate if cfg.norm_before_gate else v
+    else:
+        y = y * gate
+    if d_mlp:
+        y = torch.cat([F.silu(z0) * x0, y], dim=-1)
+    return F.linear(y, m.out_proj.weight, m.out_proj.bias)
+
+
+def reference_logits(lm, ids):
+    """All-position logits of the pre-norm residual stack with :func:`reference_mixer` in every layer."""
+    hidden, residual = lm.backbone.embedding(ids), None
+    for block in lm.backbone.layers:
+        residual = hidden if residual is None else residual + hidden
+        hidden = reference_mixer(block.mixer, block.norm(residual), lm.config)
+    return lm.lm_head(lm.backbone.norm_f(residual + hidden))
+
+
+OWN_OPTIONS = [
+    dict(norm_before_gate=True),
+    dict(D_has_hdim=True, ngroups=1),
+    dict(d_ssm=32, expand=2, ngroups=4),                 # half of d_inner = 64 goes through the gated MLP
+    dict(rmsnorm=False, dt_limit=(0.2, 0.8), bias=True, conv_bias=False),
+]
+
+
+@pytest.mark.parametrize("fields", OWN_OPTIONS)
+def test_options_transformers_lacks_match_a_hand_reference(fields):
+    lm = mamba2_lm(seed=4, **fields)
+    ids = torch.randint(0, 64, (2, 11), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids, return_all_logits=True).logits, reference_logits(lm, ids),
+                                   rtol=0, atol=1e-4)
+        gen = lm.generate(ids, max_new_tokens=6, eos_token_id=None)
+        assert torch.equal(gen, greedy_by_full_forwards(lambda s: reference_logits(lm, s)[:, -1], ids, 6))
+
+
+# ------------------------------------------------------------------- decoding, hooks, batches, signals
+@pytest.mark.parametrize("fields", [dict(), dict(dt_limit=(0.25, 0.7), D_has_hdim=True, d_conv=2),
+                                    dict(d_ssm=32, norm_before_gate=True, chunk_size=3)])
+def test_prefill_then_decoding_equals_full_forward(fields):
+    lm = mamba2_lm(seed=5, **fields)
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        out = lm(ids, use_cache=True)
+        state = out.cache.layers[0]
+        mixer = lm.backbone.layers[0].mixer
+        assert state.conv_state.shape == (2, mixer.conv_dim, lm.config.d_conv)
+        assert state.ssm_state.shape == (2, mixer.nheads, lm.config.headdim, lm.config.d_state)
+        assert state.ssm_state.dtype == torch.float32
+        seq, logits = ids, out.logits
+        for i in range(6):
+            torch.testing.assert_close(logits, lm(seq).logits, rtol=0, atol=1e-4)
+            token = logits.argmax(-1)
+            seq = torch.cat([seq, token[:, None]], 1)
+            logits = lm.step(token, out.cache)
+
+
+def test_decode_after_pruned_prefill_matches_from_scratch(lm2):
+    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(3))
+    hook = _drop_positions_hook(1, [0, 3, 4, 7, 8, 10])
+    gen = lm2.generate(ids, hook=hook, max_new_tokens=8, eos_token_id=None)
+    with torch.no_grad():
+        out = lm2(ids, hook=hook, use_cache=True)
+        logits = out.logits
+        for i in range(gen.shape[1]):
+            full = torch.cat([ids, gen[:, :i]], dim=1)
+            scratch = lm2(full, hook=hook).logits
+            torch.testing.assert_close(logits, scratch, rtol=0, atol=1e-4)
+            assert int(scratch.argmax(-1)) == int(gen[0, i])
+            logits = lm2.step(gen[:, i], out.cache)
+
+
+@pytest.mark.parametrize("cut_after", [-1, 0, 2, 5])
+def test_drop_after_layer_k_equals_hand_cut(lm2, cut_after):
+    L, drop = 20, [2, 5, 6, 9, 11]
+    ids = torch.randint(0, 64, (1, L), generator=torch.Generator().manual_seed(2))
+    keep_idx = [i for i in range(L) if i not in drop]
+
+    def hook(seq):
+        if seq.layer == cut_after:
+            keep = torch.ones_like(seq.mask)
+            keep[:, drop] = False
+            return seq.select(keep)
+
+    with torch.no_grad():
+        out = lm2(ids, hook=hook)
+        expected = _run_by_hand(lm2, ids, cut_after, keep_idx)
+    torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-5)
+    assert out.tokens_per_layer == [L] * (cut_after + 1) + [L - len(drop)] * (6 - cut_after - 1)
+    assert out.sequence.positions[0].tolist() == keep_idx
+
+
+@pytest.mark.parametrize("pruned", [False, True])
+def test_left_padded_batch_equals_one_at_a_time(lm2, pruned):
+    g = torch.Generator().manual_seed(4)
+    prompts = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (5, 11, 2, 8)]
+    ids, mask = _left_pad(prompts, pad=7)
+
+    def hook(seq):  # samples keep different numbers of tokens: re-padding on the left is exercised
+        if pruned and seq.layer == 1:
+            return seq.select(seq.positions % 3 != 1)
+
+    with torch.no_grad():
+        batched = lm2(ids, attention_mask=mask, hook=hook, use_cache=True)
+        gen = lm2.generate(ids, attention_mask=mask, hook=hook, max_new_tokens=5, eos_token_id=None)
+        for i, p in enumerate(prompts):
+            alone = lm2(torch.tensor([p]), hook=hook, use_cache=True)
+            torch.testing.assert_close(batched.logits[i], alone.logits[0], rtol=0, atol=1e-5)
+            for b_state, a_state in zip(batched.cache.layers, alone.cache.layers):   # padding left them untouched
+                torch.testing.assert_close(b_state.ssm_state[i], a_state.ssm_state[0], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(b_state.conv_state[i], a_state.conv_state[0], rtol=1e-5, atol=1e-5)
+            assert torch.equal(gen[i], lm2.generate(torch.tensor([p]), hook=hook, max_new_tokens=5,
+                                                    eos_token_id=None)[0])
+
+
+def test_dtp_keep_all_without_late_pruning_changes_nothing(lm2):
+    g = torch.Generator().manual_seed(6)
+    embeds = torch.randn(2, 14, 32, generator=g)
+    is_visual = torch.zeros(2, 14, dtype=torch.bool)
+    is_visual[:, :10] = True
+    ref = lm2(inputs_embeds=embeds, is_visual=is_visual)
+    pr = build("dtp", keep_ratio=1.0, early_layer=1, late_pruning=False)
+    out = lm2(inputs_embeds=embeds, is_visual=is_visual, hook=pr)
+    assert torch.equal(out.logits, ref.logits) and out.tokens_per_layer == ref.tokens_per_layer
+    assert torch.equal(lm2.generate(inputs_embeds=embeds, is_visual=is_visual, hook=pr, max_new_tokens=5,
+                                    eos_token_id=None),
+                       lm2.generate(inputs_embeds=embeds, is_visual=is_visual, max_new_tokens=5, eos_token_id=None))
+    cut = lm2(inputs_embeds=embeds, is_visual=is_visual, hook=build("dtp", keep_ratio=0.5, early_layer=1,
+                                                                      late_pruning=False))
+    assert cut.tokens_per_layer == [28, 28] + [18] * 4          # the signals drive a real cut after layer 1
+
+
+def test_signals_by_hand_from_in_proj():
+    """Δ = clamp(softplus(dt + dt_bias)) from in_proj's last nheads outputs, averaged over heads; B and C from
+    F.conv1d, averaged over groups and d_state; y has one value per token."""
+    lm = mamba2_lm(seed=7, dt_limit=(0.2, 0.9))
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+    seen = {}
+
+    def hook(seq):
+        seen[seq.layer] = dict(seq.signals)
+    hook.signal_layers = {0, 2}
+    with torch.no_grad():
+        lm(ids, hook=hook)
+        block = lm.backbone.layers[0]
+        m, cfg = block.mixer, lm.config
+        zxbcdt = block.mixer.in_proj(block.norm(lm.backbone.embedding(ids)))
+        delta = torch.clamp(F.softplus(zxbcdt[..., -m.nheads:] + m.dt_bias), 0.2, 0.9)
+        xBC = zxbcdt[..., cfg.d_inner:cfg.d_inner + m.conv_dim]
+        conv = F.silu(F.conv1d(xBC.transpose(1, 2), m.conv1d.weight, m.conv1d.bias, padding=cfg.d_conv - 1,
+                               groups=m.conv_dim)[..., :9]).transpose(1, 2)
+        gn = cfg.ngroups * cfg.d_state
+        B, C = conv[..., cfg.d_inner:cfg.d_inner + gn], conv[..., cfg.d_inner + gn:]
+    assert set(seen[0]) == set(seen[2]) == {"delta", "B", "C", "y"} and seen[1] == {}
+    torch.testing.assert_close(seen[0]["delta"], delta.mean(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen[0]["B"], B.mean(-1), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(seen[0]["C"], C.mean(-1), rtol=1e-5, atol=1e-6)
+    assert seen[0]["y"].shape == (2, 9)
+
+
+def test_config_validation():
+    assert MambaConfig(layer="Mamba2", d_model=32, headdim=8, ngroups=4).d_inner == 64
+    for bad in (dict(layer="Mamba3"), dict(layer="Mamba2", d_model=32, headdim=48),
+                dict(layer="Mamba2", d_model=32, headdim=8, ngroups=3), dict(layer="Mamba2", d_model=32, d_ssm=96),
+                dict(layer="Mamba2", chunk_size=0), dict(dt_limit=(0.5, 0.1)), dict(dt_limit=(0.1,))):
+        with pytest.raises(ValueError):
+            MambaConfig(**bad)
+    cfg = MambaConfig(layer="Mamba2", d_model=32, headdim=8, dt_limit=[0.1, float("inf")])
+    assert MambaConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def test_transformers_mamba2_folder_loads_and_round_trips(tmp_path):
+    """transformers' own save_pretrained folder (safetensors) loads; save_mamba_lm writes it back in
+    transformers' layout, which both loaders read to the same logits."""
+    hf, _ = hf_mamba2_pair(seed=8, time_step_limit=(0.0, 0.8))
+    hf.save_pretrained(tmp_path / "hf")
+    assert (tmp_path / "hf" / "model.safetensors").is_file()
+    raw = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert raw["model_type"] == "mamba2"
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    lm = load_mamba_lm(tmp_path / "hf")
+    with torch.no_grad():
+        ref = hf(ids).logits
+        torch.testing.assert_close(lm(ids, return_all_logits=True).logits, ref, rtol=0, atol=1e-4)
+    save_mamba_lm(lm, tmp_path / "ours")
+    again = load_mamba_lm(tmp_path / "ours")
+    assert again.config == lm.config
+    assert all(torch.equal(a, b) for a, b in zip(lm.state_dict().values(), again.state_dict().values()))
+    from transformers import Mamba2ForCausalLM
+    theirs = Mamba2ForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ref, rtol=0, atol=1e-4)
+
+
+RELEASED_MAMBA2_CONFIG = {"d_model": 64, "d_intermediate": 0, "n_layer": 2, "vocab_size": 50,
+                          "ssm_cfg": {"layer": "Mamba2"}, "attn_layer_idx": [], "attn_cfg": {}, "rms_norm": True,
+                          "residual_in_fp32": True, "fused_add_norm": True, "pad_vocab_size_multiple": 16,
+                          "tie_embeddings": True}
+
+
+def write_mamba2_ssm_folder(folder, config, seed=0):
+    """A state-spaces/mamba2-* style folder: config.json + pytorch_model.bin, mamba_ssm's key names and shapes
+    (written out here from Mamba2.__init__), the vocabulary padded to 16, lm_head.weight sharing the embedding."""
+    ssm = config["ssm_cfg"]
+    d, n_layer, g_ = config["d_model"], config["n_layer"], torch.Generator().manual_seed(seed)
+    d_inner = ssm.get("expand", 2) * d
+    n, P, G, k = ssm.get("d_state", 128), ssm.get("headdim", 64), ssm.get("ngroups", 1), ssm.get("d_conv", 4)
+    h, conv_dim = d_inner // P, d_inner + 2 * G * n
+    rows = -(-config["vocab_size"] // 16) * 16
+    r = lambda *s: torch.randn(*s, generator=g_) / math.sqrt(s[-1])  # noqa: E731
+    tensors = {"backbone.embedding.weight": torch.randn(rows, d, generator=g_), "backbone.norm_f.weight": 1 + r(d) / 10}
+    for i in range(n_layer):
+        p = f"backbone.layers.{i}."
+        tensors.update({p + "norm.weight": 1 + r(d) / 10, p + "mixer.in_proj.weight": r(2 * d_inner + 2 * G * n + h, d),
+                        p + "mixer.conv1d.weight": r(conv_dim, 1, k), p + "mixer.conv1d.bias": r(conv_dim),
+                        p + "mixer.dt_bias": r(h), p + "mixer.A_log": torch.rand(h, generator=g_),
+                        p + "mixer.D": torch.randn(h, generator=g_), p + "mixer.norm.weight": 1 + r(d_inner) / 10,
+                        p + "mixer.out_proj.weight": 3 * r(d, d_inner)})
+    tensors["lm_head.weight"] = tensors["backbone.embedding.weight"]
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.save(tensors, folder / "pytorch_model.bin")
+    return tensors
+
+
+def test_mamba_ssm_mamba2_folder_in_the_released_layout(tmp_path):
+    """The released config form ({"layer": "Mamba2"} only: d_state 128, headdim 64, ngroups 1 by default);
+    every tensor lands in its parameter, and the logits equal transformers' Mamba2 on the same weights."""
+    tensors = write_mamba2_ssm_folder(tmp_path / "ssm", RELEASED_MAMBA2_CONFIG)
+    lm = load_mamba_lm(tmp_path / "ssm")
+    c = lm.config
+    assert (c.layer, c.d_state, c.headdim, c.ngroups, c.padded_vocab_size, c.tie_embeddings) == \
+        ("Mamba2", 128, 64, 1, 64, True)
+    state = lm.state_dict()
+    assert set(state) == set(tensors) and all(torch.equal(state[k], v) for k, v in tensors.items())
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+    hf = Mamba2ForCausalLM(Mamba2Config(hidden_size=64, num_heads=2, head_dim=64, n_groups=1, state_size=128,
+                                        num_hidden_layers=2, vocab_size=64, tie_word_embeddings=True)).eval()
+    hf.load_state_dict({k.replace("backbone.embedding.", "backbone.embeddings."): v for k, v in tensors.items()})
+    ids = torch.randint(0, 50, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(lm(ids, return_all_logits=True).logits, hf(ids).logits, rtol=0, atol=1e-4)
+
+
+def test_mamba_ssm_mamba2_folder_with_ssm_cfg_and_round_trip(tmp_path):
+    """ngroups, d_state, headdim, chunk_size, dt_limit from ssm_cfg; save_mamba_lm(layout="mamba_ssm") writes the
+    same layout back and it reloads to the same model."""
+    ssm = {"layer": "Mamba2", "d_state": 8, "headdim": 16, "ngroups": 2, "chunk_size": 4, "dt_limit": [0.0, 0.5]}
+    write_mamba2_ssm_folder(tmp_path / "ssm", dict(RELEASED_MAMBA2_CONFIG, ssm_cfg=ssm))
+    lm = load_mamba_lm(tmp_path / "ssm")
+    assert (lm.config.d_state, lm.config.headdim, lm.config.ngroups, lm.config.chunk_size, lm.config.dt_limit) == \
+        (8, 16, 2, 4, (0.0, 0.5))
+    save_mamba_lm(lm, tmp_path / "back", layout="mamba_ssm")
+    raw = json.loads((tmp_path / "back" / "config.json").read_text())
+    assert raw["ssm_cfg"]["layer"] == "Mamba2" and raw["pad_vocab_size_multiple"] == 16
+    assert (tmp_path / "back" / "pytorch_model.bin").is_file()
+    again = load_mamba_lm(tmp_path / "back")
+    assert again.config == lm.config
+    assert all(torch.equal(a, b) for a, b in zip(lm.state_dict().values(), again.state_dict().values()))
+
+
+def test_options_transformers_lacks_are_saved_in_mamba_ssm_layout(tmp_path):
+    lm = mamba2_lm(seed=9, norm_before_gate=True, D_has_hdim=True, d_ssm=32)
+    with pytest.raises(ValueError, match="norm_before_gate"):
+        save_mamba_lm(lm, tmp_path / "t", layout="transformers")
+    save_mamba_lm(lm, tmp_path / "m")
+    assert not (tmp_path / "m" / "model.safetensors").exists()
+    again = load_mamba_lm(tmp_path / "m")
+    ids = torch.randint(0, 64, (1, 7), generator=torch.Generator().manual_seed(0))
+    assert again.config.norm_before_gate and again.config.D_has_hdim and again.config.d_ssm == 32
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, lm(ids).logits)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c.update(model_type="falcon_mamba"), "falcon_mamba"),
+    (lambda c: c.update(num_heads=3), "num_heads"),
+])
+def test_bad_transformers_mamba2_configs_are_refused(tmp_path, edit, needle):
+    hf, _ = hf_mamba2_pair(seed=10)
+    hf.save_pretrained(tmp_path)
+    raw = json.loads((tmp_path / "config.json").read_text())
+    edit(raw)
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(CheckpointError, match=needle):
+        load_mamba_lm(tmp_path)

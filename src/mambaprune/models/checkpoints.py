@@ -163,7 +163,8 @@ def _mamba2_config_from_transformers(cfg: dict, ours: dict) -> MambaConfig:
         pad_vocab_size_multiple=ours.get("pad_vocab_size_multiple", 1),
         rms_norm_eps=cfg.get("layer_norm_epsilon", 1e-5), tie_embeddings=cfg.get("tie_word_embeddings", False),
         residual_in_fp32=cfg.get("residual_in_fp32", True), conv_bias=cfg.get("use_conv_bias", True),
-        bias=cfg.get("use_bias", False), eos_token_id=cfg.get("eos_token_id", 2), pad_token_id=cfg.get("pad_token_id", 1),
+        bias=cfg.get("use_bias", False), eos_token_id=cfg.get("eos_token_id", 2),
+        pad_token_id=cfg.get("pad_token_id", 1),
     )
 
 

@@ -95,7 +95,8 @@ class Mamba2Mixer(nn.Module):
         d, di = config.d_model, config.d_inner
         self.d_ssm = di if config.d_ssm is None else config.d_ssm
         self.d_mlp = di - self.d_ssm
-        self.headdim, self.ngroups, self.d_state, self.d_conv = config.headdim, config.ngroups, config.d_state, config.d_conv
+        self.headdim, self.ngroups = config.headdim, config.ngroups
+        self.d_state, self.d_conv = config.d_state, config.d_conv
         self.nheads = self.d_ssm // self.headdim
         self.chunk_size, self.dt_limit = config.chunk_size, tuple(config.dt_limit)
         self.D_has_hdim, self.rmsnorm = config.D_has_hdim, config.rmsnorm

@@ -72,7 +72,8 @@ class MambaConfig:
     def __post_init__(self):
         if self.dt_rank == "auto":
             self.dt_rank = math.ceil(self.d_model / 16)
-        names = ["d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank", "pad_vocab_size_multiple"]
+        names = ["d_model", "n_layer", "vocab_size", "d_state", "d_conv", "expand", "dt_rank",
+                 "pad_vocab_size_multiple"]
         if self.layer not in LAYER_KINDS:
             raise ValueError(f"MambaConfig.layer must be one of {LAYER_KINDS}, got {self.layer!r}")
         if self.layer == "Mamba2":

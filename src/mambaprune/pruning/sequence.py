@@ -32,7 +32,9 @@ class TokenSequence:
         signals: per-token importance signals of ``layer`` (name -> (batch, L) fp32), only when requested:
             ``delta`` = mean over d_inner of softplus(dt_proj(.)) (DTP Eq. 6), ``B`` / ``C`` = mean over
             d_state of the input-dependent B / C, ``y`` = mean over d_inner of the SSM output
-            ``C_t h_t + D x_t`` before the silu(z) gate.
+            ``C_t h_t + D x_t`` before the silu(z) gate. In a Mamba-2 layer, ``delta`` is Δ averaged over heads
+            (the same mean over channels), ``B`` / ``C`` are averaged over groups and d_state, and ``y`` is taken
+            before the gated norm (:meth:`mambaprune.models.mamba2.Mamba2Mixer.forward`).
     """
 
     hidden: torch.Tensor
