@@ -306,6 +306,8 @@ def _edited(files, tmp_path, edit):
     (lambda m: m["mlp"].pop("0.bias"), r"model\.mlp\).*missing keys \['0\.bias'\]"),
     (lambda m: m["projector"].pop("projector.4.bias"), r"missing keys \['4\.bias'\]"),
     (lambda m: m.pop("bidirectional_mamba"), "missing part 'bidirectional_mamba'"),
+    (lambda m: m["mlp"].update({"0.weight": torch.zeros(16, 80), "0.bias": torch.zeros(16)}),
+     r"the mlp gives 16 channels, the bidirectional Mamba-2 takes 32 and the projector 32"),
 ])
 def test_bad_checkpoint_contents_name_the_problem_in_one_line(files, tmp_path, edit, needle):
     with pytest.raises(CheckpointError, match=needle) as info:

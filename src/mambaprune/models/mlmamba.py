@@ -115,7 +115,11 @@ def connector_from_state(mlp: dict, bidirectional_mamba: dict, projector: dict, 
     mlp_module = gelu_mlp(weight.shape[1], weight.shape[0])
     load_state_checked(mlp_module, mlp, f"{source} (model.mlp)")
     stack = bidirectional_mamba2_from_state(bidirectional_mamba, f"{source} (model.bidirectional_mamba)")
-    return MambaScanConnector(mlp_module, stack, fused_projector_from_state(projector, f"{source} (model.projector)"))
+    head = fused_projector_from_state(projector, f"{source} (model.projector)")
+    try:
+        return MambaScanConnector(mlp_module, stack, head)
+    except ValueError as e:           # parts of different widths
+        raise CheckpointError(f"cannot load {source}: {e}") from e
 
 
 def build_mlmamba(vision: FusedViTTower, connector: MambaScanConnector, lm: MambaLM, tokenizer) -> MambaVLM:
