@@ -420,31 +420,79 @@ def split_prefixed(state: dict[str, torch.Tensor], prefixes: Collection[str],
     return parts
 
 
-def mamba_config_from_state(state: dict[str, torch.Tensor], source: str) -> MambaConfig:
-    """The :class:`MambaConfig` of a Mamba LM state dict (mamba_ssm names, ``backbone.embedding``), read from
-    the tensor shapes: width, depth, d_state, d_conv, expand, dt_rank, biases, the (padded) vocabulary, and
-    whether ``lm_head`` is tied (absent or equal to the embedding). The RMSNorm epsilon is mamba_ssm's 1e-5."""
+def _needer(state: dict[str, torch.Tensor], source: str, what: str):
     def need(key):
         if key not in state:
-            raise CheckpointError(f"cannot read the language model's shape from {source}: missing key {key!r}")
+            raise CheckpointError(f"cannot read {what}'s shape from {source}: missing key {key!r}")
         return state[key]
 
-    emb = need("backbone.embedding.weight")
-    layers = sorted({int(m.group(1)) for k in state if (m := re.match(r"backbone\.layers\.(\d+)\.", k))})
+    return need
+
+
+def layer_count(state: dict[str, torch.Tensor], prefix: str, source: str) -> int:
+    """The number of layers ``{prefix}{i}.*`` in ``state``, which must be numbered 0..n-1 (at least one)."""
+    layers = sorted({int(m.group(1)) for k in state if (m := re.match(re.escape(prefix) + r"(\d+)\.", k))})
     if not layers or layers != list(range(len(layers))):
         raise CheckpointError(f"{source}: the layers found are {layers[:10]}..., expected 0..n-1")
+    return len(layers)
+
+
+def mamba_config_from_state(state: dict[str, torch.Tensor], source: str, *, ngroups: int = 1) -> MambaConfig:
+    """The :class:`MambaConfig` of a Mamba LM state dict (mamba_ssm names, ``backbone.embedding``), read from
+    the tensor shapes: width, depth, the layer kind, d_state, d_conv, expand, biases, the (padded) vocabulary, and
+    whether ``lm_head`` is tied (absent or equal to the embedding). The RMSNorm epsilon is mamba_ssm's 1e-5.
+    Mamba (v1) layers: dt_rank too; Mamba-2 layers (a mixer with ``dt_bias``): see
+    :func:`mamba2_config_from_mixer` (``ngroups`` is passed to it)."""
+    need = _needer(state, source, "the language model")
+    emb = need("backbone.embedding.weight")
+    n_layer = layer_count(state, "backbone.layers.", source)
     mixer = "backbone.layers.0.mixer."
     rows, d_model = emb.shape
+    head = state.get("lm_head.weight")
+    common = dict(n_layer=n_layer, vocab_size=rows, pad_vocab_size_multiple=8 if rows % 8 == 0 else 1,
+                  tie_embeddings=head is None or torch.equal(head, emb))
+    if mixer + "dt_bias" in state:
+        return mamba2_config_from_mixer(state, mixer, source, ngroups=ngroups, **common)
     d_inner = need(mixer + "in_proj.weight").shape[0] // 2
     if d_inner % d_model:
         raise CheckpointError(f"{source}: d_inner {d_inner} is not a multiple of d_model {d_model}")
-    head = state.get("lm_head.weight")
-    return MambaConfig(d_model=d_model, n_layer=len(layers), vocab_size=rows,
-                       d_state=need(mixer + "A_log").shape[1], d_conv=need(mixer + "conv1d.weight").shape[-1],
-                       expand=d_inner // d_model, dt_rank=need(mixer + "dt_proj.weight").shape[1],
-                       pad_vocab_size_multiple=8 if rows % 8 == 0 else 1,
-                       tie_embeddings=head is None or torch.equal(head, emb),
-                       conv_bias=mixer + "conv1d.bias" in state, bias=mixer + "in_proj.bias" in state)
+    return MambaConfig(d_model=d_model, d_state=need(mixer + "A_log").shape[1],
+                       d_conv=need(mixer + "conv1d.weight").shape[-1], expand=d_inner // d_model,
+                       dt_rank=need(mixer + "dt_proj.weight").shape[1],
+                       conv_bias=mixer + "conv1d.bias" in state, bias=mixer + "in_proj.bias" in state, **common)
+
+
+def mamba2_config_from_mixer(state: dict[str, torch.Tensor], mixer: str, source: str, *, ngroups: int = 1,
+                             **fields) -> MambaConfig:
+    """A Mamba-2 :class:`MambaConfig` read from the tensors of one mixer (keys ``{mixer}in_proj.weight`` ...),
+    with ``fields`` (depth, vocabulary, ...) added.
+
+    ``in_proj`` gives ``2 d_inner + 2 ngroups d_state + nheads`` channels and the conv ``d_ssm + 2 ngroups
+    d_state`` (``mamba_ssm/modules/mamba2.py``, lines 95-104), so the width, d_inner (``out_proj``), the heads
+    (``A_log``), d_ssm, headdim, d_conv, the biases, whether D is per channel and whether the gated norm is there
+    all show. ``ngroups`` (B and C groups) cannot be told apart from d_state (only their product shows), so it is
+    given (1 in every ``state-spaces/mamba2-*`` model and in ML-Mamba); ``chunk_size``, ``dt_limit`` and
+    ``norm_before_gate`` stay mamba_ssm's defaults (256, none, False)."""
+    need = _needer(state, source, "the Mamba-2 mixer")
+    d_model = need(mixer + "in_proj.weight").shape[1]
+    nheads = need(mixer + "A_log").shape[0]
+    d_inner = need(mixer + "out_proj.weight").shape[1]
+    conv_dim, _, d_conv = need(mixer + "conv1d.weight").shape
+    d_ssm = conv_dim + nheads + 2 * d_inner - need(mixer + "in_proj.weight").shape[0]
+    groups_state = conv_dim - d_ssm
+    if (d_inner % d_model or not 0 < d_ssm <= d_inner or d_ssm % nheads or groups_state <= 0
+            or groups_state % (2 * ngroups)):
+        raise CheckpointError(f"{source}: the Mamba-2 mixer's shapes do not fit together (d_model {d_model}, "
+                              f"out_proj input {d_inner}, {nheads} heads, conv channels {conv_dim}, "
+                              f"ngroups {ngroups})")
+    try:
+        return MambaConfig(layer="Mamba2", d_model=d_model, d_state=groups_state // (2 * ngroups), d_conv=d_conv,
+                           expand=d_inner // d_model, headdim=d_ssm // nheads, ngroups=ngroups,
+                           D_has_hdim=need(mixer + "D").shape[0] != nheads, rmsnorm=mixer + "norm.weight" in state,
+                           d_ssm=None if d_ssm == d_inner else d_ssm, conv_bias=mixer + "conv1d.bias" in state,
+                           bias=mixer + "in_proj.bias" in state, **fields)
+    except ValueError as e:
+        raise CheckpointError(f"{source}: {e}") from e
 
 
 def overlay_state_(module: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:

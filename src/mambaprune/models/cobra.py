@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Collection, Sequence
 
 import torch
 
@@ -98,9 +99,47 @@ COBRA_SPEC = VLMSpec(
           "PrismaticVLM defaults (do_sample=False, max_new_tokens=128, temperature=1.0), EOS <|endoftext|>.")
 
 
+def dinosiglip_tower(dino: ViTTower, siglip: ViTTower) -> FusedViTTower:
+    """Cobra's ``dinosiglip`` tower from its two halves (DINOv2 channels first, then SigLIP's)."""
+    return FusedViTTower({"dino": dino, "siglip": siglip})
+
+
+def random_dinosiglip(*, image_size: int = 384, patch_size: int = 14, dino: dict | None = None,
+                      siglip: dict | None = None, seed: int = 0) -> FusedViTTower:
+    """Cobra's fused tower with random weights (for tests); ``dino`` / ``siglip`` are transformers config fields
+    (small by default), SigLIP with the exact GELU as Cobra ran it."""
+    dino_cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_register_tokens=4)
+    siglip_cfg = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
+    dino_cfg.update(dino or {})
+    siglip_cfg.update(siglip or {})
+    dino_model = random_vit_model("dinov2", seed=seed, image_size=image_size, patch_size=patch_size, **dino_cfg)
+    siglip_model = random_vit_model("siglip", seed=seed + 1, image_size=image_size, patch_size=patch_size,
+                                    hidden_act="gelu", **siglip_cfg)
+    return dinosiglip_tower(ViTTower("dinov2", dino_model), ViTTower("siglip", siglip_model))
+
+
+def load_dinosiglip(dino_dir, siglip_dir, *, image_size: int, resize: str) -> FusedViTTower:
+    """Cobra's fused tower from the two public tower folders (local paths), both created at ``image_size``;
+    SigLIP with the exact GELU of the timm model Cobra ran."""
+    dino = ViTTower("dinov2", load_vit_model("dinov2", dino_dir, image_size=image_size), resize=resize)
+    siglip = ViTTower("siglip", load_vit_model("siglip", siglip_dir, image_size=image_size, hidden_act="gelu"),
+                      resize=resize)
+    return dinosiglip_tower(dino, siglip)
+
+
+def save_dinosiglip(vision: FusedViTTower, *, dino_dir=None, siglip_dir=None) -> None:
+    """Write the towers of ``vision`` as their public transformers folders (SigLIP's config with the hub's
+    ``gelu_pytorch_tanh``); a folder left None is not written."""
+    towers = vision.towers
+    if dino_dir is not None:
+        save_vit_model("dinov2", towers["dino"].model, dino_dir)
+    if siglip_dir is not None:
+        save_vit_model("siglip", towers["siglip"].model, siglip_dir, hidden_act="gelu_pytorch_tanh")
+
+
 def build_cobra(dino: ViTTower, siglip: ViTTower, projector: MLPProjector, lm: MambaLM, tokenizer) -> MambaVLM:
     """A Cobra :class:`MambaVLM` from its parts (DINOv2 channels first, then SigLIP's)."""
-    return MambaVLM(FusedViTTower({"dino": dino, "siglip": siglip}), projector, lm, tokenizer, COBRA_SPEC)
+    return MambaVLM(dinosiglip_tower(dino, siglip), projector, lm, tokenizer, COBRA_SPEC)
 
 
 def random_cobra(lm: MambaLM, tokenizer, *, image_size: int = 384, patch_size: int = 14, dino: dict | None = None,
@@ -110,18 +149,11 @@ def random_cobra(lm: MambaLM, tokenizer, *, image_size: int = 384, patch_size: i
     ``dino`` / ``siglip`` are transformers config fields for the towers (small by default); the projector is
     the fused GELU MLP from their summed width to ``lm``'s width.
     """
-    dino_cfg = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_register_tokens=4)
-    siglip_cfg = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=4, intermediate_size=96)
-    dino_cfg.update(dino or {})
-    siglip_cfg.update(siglip or {})
-    dino_model = random_vit_model("dinov2", seed=seed, image_size=image_size, patch_size=patch_size, **dino_cfg)
-    siglip_model = random_vit_model("siglip", seed=seed + 1, image_size=image_size, patch_size=patch_size,
-                                    hidden_act="gelu", **siglip_cfg)
+    vision = random_dinosiglip(image_size=image_size, patch_size=patch_size, dino=dino, siglip=siglip, seed=seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        projector = MLPProjector(dino_model.config.hidden_size + siglip_model.config.hidden_size, lm.config.d_model)
-    return build_cobra(ViTTower("dinov2", dino_model), ViTTower("siglip", siglip_model), projector, lm.eval(),
-                       tokenizer).eval()
+        projector = MLPProjector(vision.dim, lm.config.d_model)
+    return MambaVLM(vision, projector, lm.eval(), tokenizer, COBRA_SPEC).eval()
 
 
 def save_cobra(model: MambaVLM, run_dir, *, dino_dir=None, siglip_dir=None, tokenizer_dir=None) -> None:
@@ -135,58 +167,93 @@ def save_cobra(model: MambaVLM, run_dir, *, dino_dir=None, siglip_dir=None, toke
     parts = {"projector": {f"projector.{k}": v.detach().cpu() for k, v in model.projector.state_dict().items()},
              "llm_backbone": {f"llm.{k}": v.detach().cpu() for k, v in model.lm.state_dict().items()}}
     torch.save({"model": parts}, run_dir / "checkpoints" / "latest-checkpoint.pt")
-    towers = model.vision.towers
-    if dino_dir is not None:
-        save_vit_model("dinov2", towers["dino"].model, dino_dir)
-    if siglip_dir is not None:
-        save_vit_model("siglip", towers["siglip"].model, siglip_dir, hidden_act="gelu_pytorch_tanh")
+    save_dinosiglip(model.vision, dino_dir=dino_dir, siglip_dir=siglip_dir)
     if tokenizer_dir is not None:
         model.tokenizer.save_pretrained(str(tokenizer_dir))
 
 
-def read_cobra_checkpoint(path) -> tuple[dict, dict]:
-    """``(projector state, llm_backbone state)`` of a ``latest-checkpoint.pt`` (read with ``weights_only``)."""
+def read_run_checkpoint(path, parts: Sequence[str], model: str = "Cobra") -> list[dict]:
+    """The named ``parts`` of ``{"model": {part: state dict}}`` in a ``latest-checkpoint.pt`` as the Prismatic-style
+    training strategies save it (Cobra's and ML-Mamba's), read with ``weights_only``; ``model`` names the file's
+    model in errors. A missing part, or an entry that is not a named tensor, is a :class:`CheckpointError`."""
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"Cobra checkpoint not found: {path}")
+        raise CheckpointError(f"{model} checkpoint not found: {path}")
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True)
     except Exception as e:  # truncated, corrupted, or holding arbitrary pickled objects
-        raise CheckpointError(f"cannot read the Cobra checkpoint {path}: it is truncated, corrupted or not a "
+        raise CheckpointError(f"cannot read the {model} checkpoint {path}: it is truncated, corrupted or not a "
                               f"weights file ({type(e).__name__}: {str(e)[:200]})") from e
-    model = obj.get("model") if isinstance(obj, dict) else None
-    if not isinstance(model, dict):
-        raise CheckpointError(f"{path} does not hold {{'model': {{'projector': ..., 'llm_backbone': ...}}}}")
-    parts = []
-    for name in ("projector", "llm_backbone"):
-        part = model.get(name)
+    held = obj.get("model") if isinstance(obj, dict) else None
+    if not isinstance(held, dict):
+        layout = ", ".join(f"{name!r}: ..." for name in parts)
+        raise CheckpointError(f"{path} does not hold {{'model': {{{layout}}}}}")
+    states = []
+    for name in parts:
+        part = held.get(name)
         if not isinstance(part, dict):
-            raise CheckpointError(f"{path}: missing part {name!r} under 'model' (found {sorted(model)})")
+            raise CheckpointError(f"{path}: missing part {name!r} under 'model' (found {sorted(held)})")
         bad = [repr(k) for k, v in part.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
         if bad:
             raise CheckpointError(f"{path}: part {name!r} holds entries that are not named tensors: {bad[:20]}")
-        parts.append(part)
-    return parts[0], parts[1]
+        states.append(part)
+    return states
 
 
-def _read_run_config(run_dir: Path) -> dict:
-    path = run_dir / "config.json"
-    cfg = read_json(path, "the Cobra run folder")
-    model = cfg.get("model") if isinstance(cfg, dict) else None
-    if not isinstance(model, dict):
-        raise CheckpointError(f"{path} has no 'model' section")
+def read_cobra_checkpoint(path) -> tuple[dict, dict]:
+    """``(projector state, llm_backbone state)`` of a ``latest-checkpoint.pt`` (read with ``weights_only``)."""
+    projector, llm = read_run_checkpoint(path, ("projector", "llm_backbone"), "Cobra")
+    return projector, llm
+
+
+def check_run_config(model: dict, source, llm_backbone_ids: Collection[str] | None) -> dict:
+    """``model`` (the ``"model"`` section of a run's ``config.json``) checked for what the builders support: the
+    ``dinosiglip`` tower, a fused GELU MLP, a known resize strategy and, unless None, one of ``llm_backbone_ids``;
+    anything else is a :class:`CheckpointError` naming the field (``source``: where the section was read)."""
     checks = [("vision_backbone_id", model.get("vision_backbone_id") in COBRA_VISION_BACKBONES,
                sorted(COBRA_VISION_BACKBONES)),
-              ("llm_backbone_id", model.get("llm_backbone_id") == COBRA_LLM_BACKBONE, [COBRA_LLM_BACKBONE]),
               ("arch_specifier", str(model.get("arch_specifier", "")).endswith("fused-gelu-mlp"),
                ["...fused-gelu-mlp"]),
               ("image_resize_strategy", model.get("image_resize_strategy") in RESIZE_STRATEGIES,
                list(RESIZE_STRATEGIES))]
+    if llm_backbone_ids is not None:
+        checks.insert(1, ("llm_backbone_id", model.get("llm_backbone_id") in llm_backbone_ids,
+                          sorted(llm_backbone_ids)))
     for key, ok, supported in checks:
         if not ok:
-            raise CheckpointError(f"{path}: model.{key} = {model.get(key)!r} is not supported (supported: "
+            raise CheckpointError(f"{source}: model.{key} = {model.get(key)!r} is not supported (supported: "
                                   f"{supported})")
     return model
+
+
+def read_run_config(run_dir: Path, model: str = "Cobra",
+                    llm_backbone_ids: Collection[str] | None = (COBRA_LLM_BACKBONE,)) -> dict:
+    """The checked ``"model"`` section of ``<run_dir>/config.json`` (:func:`check_run_config`)."""
+    path = run_dir / "config.json"
+    cfg = read_json(path, f"the {model} run folder")
+    section = cfg.get("model") if isinstance(cfg, dict) else None
+    if not isinstance(section, dict):
+        raise CheckpointError(f"{path} has no 'model' section")
+    return check_run_config(section, path, llm_backbone_ids)
+
+
+def fused_projector_from_state(state: dict[str, torch.Tensor], source: str) -> MLPProjector:
+    """The fused GELU MLP from a saved ``FusedMLPProjector`` state: keys ``projector.{0,2,4}.*`` (the module wraps
+    its ``nn.Sequential`` as ``projector``), or the bare ``{0,2,4}.*``."""
+    if state and all(k.startswith("projector.") for k in state):
+        state = {k[len("projector."):]: v for k, v in state.items()}
+    return projector_from_state(state, source)
+
+
+def resolve_dinosiglip_folders(model: str, folders: dict, dino_dir, siglip_dir, tokenizer_dir) -> tuple:
+    """``(dino_dir, siglip_dir, tokenizer_dir)`` as local paths (each a path or a Hugging Face repo id,
+    :func:`~mambaprune.models.hub.resolve_argument`; ``folders`` as :data:`COBRA_FOLDERS`)."""
+    from .hub import TOKENIZER_FILES, WEIGHT_FOLDER, resolve_argument
+
+    dino_dir, siglip_dir = (resolve_argument(model, arg, value, folders, allow_patterns=WEIGHT_FOLDER, weights=True)
+                            for arg, value in (("dino_dir", dino_dir), ("siglip_dir", siglip_dir)))
+    tokenizer_dir = resolve_argument(model, "tokenizer_dir", tokenizer_dir, folders, allow_patterns=TOKENIZER_FILES)
+    return dino_dir, siglip_dir, tokenizer_dir
 
 
 #: The folder arguments of :func:`load_cobra`: what each is, the public weights it holds and, where it is not simply
@@ -223,38 +290,30 @@ def load_cobra(run_dir=None, *, dino_dir=None, siglip_dir=None, tokenizer_dir=No
 
     A folder left out or not found is a :class:`CheckpointError` naming it and the public weights it takes.
     """
-    from .hub import TOKENIZER_FILES, WEIGHT_FOLDER, check_given, resolve_argument
+    from .hub import check_given, resolve_argument
 
     check_given("cobra", COBRA_FOLDERS, dict(run_dir=run_dir, dino_dir=dino_dir, siglip_dir=siglip_dir,
                                              tokenizer_dir=tokenizer_dir))
     run_dir = resolve_argument("cobra", "run_dir", run_dir, COBRA_FOLDERS,
                                allow_patterns=["config.json", "checkpoints/latest-checkpoint.pt",
                                                "*/config.json"])     # the hint below: run folders one level down
-    dino_dir, siglip_dir = (resolve_argument("cobra", arg, value, COBRA_FOLDERS, allow_patterns=WEIGHT_FOLDER,
-                                             weights=True)
-                            for arg, value in (("dino_dir", dino_dir), ("siglip_dir", siglip_dir)))
-    tokenizer_dir = resolve_argument("cobra", "tokenizer_dir", tokenizer_dir, COBRA_FOLDERS,
-                                     allow_patterns=TOKENIZER_FILES)
+    dino_dir, siglip_dir, tokenizer_dir = resolve_dinosiglip_folders("cobra", COBRA_FOLDERS, dino_dir, siglip_dir,
+                                                                     tokenizer_dir)
     if not (run_dir / "config.json").is_file():
         runs = sorted(p.parent.name for p in run_dir.glob("*/config.json")) if run_dir.is_dir() else []
         hint = f"; the run folders inside it: {', '.join(runs)} (give one of them)" if runs else ""
         raise CheckpointError(f"{run_dir} is not a Cobra run folder: no config.json{hint} (expected: "
                               f"{COBRA_FOLDERS['run_dir'][1]}; {COBRA_FOLDERS['run_dir'][2]})")
-    model_cfg = _read_run_config(run_dir)
+    model_cfg = read_run_config(run_dir)
     ckpt = run_dir / "checkpoints" / "latest-checkpoint.pt"
     projector_state, llm_state = read_cobra_checkpoint(ckpt)
-    if projector_state and all(k.startswith("projector.") for k in projector_state):
-        projector_state = {k[len("projector."):]: v for k, v in projector_state.items()}
-    projector = projector_from_state(projector_state, f"{ckpt} (model.projector)")
+    projector = fused_projector_from_state(projector_state, f"{ckpt} (model.projector)")
     source = f"{ckpt} (model.llm_backbone)"
     llm_state = to_internal_keys(split_prefixed(llm_state, ["llm."], source)["llm."])
     lm = build_from_state(MambaLM, mamba_config_from_state(llm_state, source), llm_state, source)
-    size = COBRA_VISION_BACKBONES[model_cfg["vision_backbone_id"]]
-    resize = model_cfg["image_resize_strategy"]
-    dino = ViTTower("dinov2", load_vit_model("dinov2", dino_dir, image_size=size), resize=resize)
-    siglip = ViTTower("siglip", load_vit_model("siglip", siglip_dir, image_size=size, hidden_act="gelu"),
-                      resize=resize)
-    model = build_cobra(dino, siglip, projector, lm, load_tokenizer(tokenizer_dir))
+    vision = load_dinosiglip(dino_dir, siglip_dir, image_size=COBRA_VISION_BACKBONES[model_cfg["vision_backbone_id"]],
+                             resize=model_cfg["image_resize_strategy"])
+    model = MambaVLM(vision, projector, lm, load_tokenizer(tokenizer_dir), COBRA_SPEC)
     if dtype is not None or device is not None:
         model = model.to(device=device, dtype=dtype)
     return model.eval()

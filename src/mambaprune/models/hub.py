@@ -1,7 +1,7 @@
 """Weights by name: a Hugging Face repo id where a loader expects a local folder.
 
 Every model argument that names a folder (Cobra's ``run_dir``, ``dino_dir``, ``siglip_dir``, ``tokenizer_dir``;
-RoboMamba's ``clip_dir``, ``llm_dir``; the testbed's ``folder``; :func:`~mambaprune.models.checkpoints.load_mamba_lm`'s
+RoboMamba's ``clip_dir``, ``llm_dir``; ML-Mamba's ``checkpoint``; the testbed's ``folder``; :func:`~mambaprune.models.checkpoints.load_mamba_lm`'s
 and :func:`~mambaprune.models.vision.load_vit_model`'s) goes through :func:`resolve_folder` first:
 
 * an existing local path always wins (it is returned as it is);

@@ -10,7 +10,7 @@ import importlib
 from typing import Callable
 
 #: modules of this package whose import registers the built-in models
-_BUILTIN_MODULES = ("cobra", "robomamba", "testbed")
+_BUILTIN_MODULES = ("cobra", "mlmamba", "robomamba", "testbed")
 
 _LOADERS: dict[str, Callable] = {}
 
