@@ -1,14 +1,18 @@
 """The scan paths (parallel, Triton, mamba_ssm adapter) and the decoding step against the sequential reference.
 
-The Triton kernels run on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set per test by a
-fixture, so the rest of a one-process test run is unaffected); sizes are tiny because the interpreter is slow.
+The Triton kernels run on CPU tensors through Triton's interpreter (``TRITON_INTERPRET=1``, set by conftest.py
+before anything imports triton); sizes are tiny because the interpreter is slow. That they also compile for a
+GPU is checked in a subprocess without the interpreter.
 The mamba_ssm / causal-conv1d adapter is run against stand-in modules put into ``sys.modules`` that compute
 with the reference and assert the layouts, dtypes and contiguity the released kernels require.
 """
 import importlib.util
+import os
+import subprocess
 import sys
 import types
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,11 +28,12 @@ LOW = (torch.bfloat16, torch.float16)
 
 
 @pytest.fixture
-def interpret(monkeypatch):
-    """Triton's interpreter on for one test (kernels are built per mode, when first called)."""
+def interpret():
+    """Triton's interpreter, which conftest.py turns on before anything imports triton."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from mambaprune.ssm import triton_scan
+    assert triton_scan.interpreting(), "triton was imported before TRITON_INTERPRET=1 was set (see conftest.py)"
 
 
 def make(b, d, n, L, seed=0, dtype=torch.float32, delta_scale=1.0, a_scale=4.0):
@@ -141,6 +146,47 @@ def test_large_delta_stays_finite_and_exact(method, request):
     close(s, s_ref)
 
 
+COMPILE_CHECK = """
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from mambaprune.ssm import triton_scan
+
+assert not triton_scan.interpreting()
+ptr_types = {"u_ptr": "*bf16", "x_ptr": "*bf16", "z_ptr": "*bf16", "y_ptr": "*bf16", "out_ptr": "*bf16",
+             "state_ptr": "*bf16"}
+for body in (triton_scan._scan_fwd_body, triton_scan._state_update_body):
+    fn = triton_scan._kernel(body)
+    signature, constants = {}, {}
+    for name in fn.arg_names:
+        if name.endswith("_ptr"):
+            signature[name] = ptr_types.get(name, "*fp32")
+        elif name.isupper():                                   # the constexpr flags and block sizes
+            signature[name], constants[name] = "constexpr", {"BLOCK_D": 4, "BLOCK_N": 16}.get(name, True)
+        else:
+            signature[name] = "i32"
+    compiled = triton.compile(ASTSource(fn, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 1})
+    assert compiled.asm["cubin"]
+print("compiled")
+"""
+
+
+def test_triton_kernels_compile_for_a_gpu(tmp_path):
+    """The kernels also compile (not only interpret) down to an sm_90 cubin: Triton's compiler and ptxas run
+    without a GPU and catch what the interpreter lets through (types of loop-carried values, masks). In a
+    subprocess, since this process imported Triton for its interpreter."""
+    if not HAS_TRITON:
+        pytest.skip("triton is not installed")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                           env.get("PYTHONPATH", "")]))
+    run = subprocess.run([sys.executable, "-c", COMPILE_CHECK], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert run.returncode == 0 and "compiled" in run.stdout, run.stderr[-3000:]
+
+
 def _step_inputs(b, d, n, seed, state_dtype, x_dtype=torch.float32):
     ins, h0 = make(b, d, n, 1, seed=seed, dtype=x_dtype)
     step = {("x" if k == "u" else k): (v[..., 0] if v.dim() == 3 else v) for k, v in ins.items()}
@@ -187,9 +233,14 @@ def test_resolve_method(monkeypatch):
         assert resolve_method(m, torch.device("cpu")) == m
     with pytest.raises(ValueError, match="choose one of"):
         resolve_method("cuda-kernel", "cpu")
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(ValueError, match="TRITON_INTERPRET"):
-        resolve_method("triton", "cpu")
+    if HAS_TRITON:                                          # Triton imported without its interpreter
+        from mambaprune.ssm import triton_scan
+        monkeypatch.setattr(triton_scan, "interpreting", lambda: False)
+        with pytest.raises(ValueError, match="TRITON_INTERPRET"):
+            resolve_method("triton", "cpu")
+    else:
+        with pytest.raises(ValueError, match="not installed"):
+            resolve_method("triton", "cpu")
     ins, _ = make(1, 4, 2, 3)
     with pytest.raises(ValueError, match="choose one of"):
         selective_scan(**ins, method="cuda-kernel")

@@ -58,7 +58,8 @@ def triton_works(device) -> bool:
     device = mamba_ssm_adapter.device_key(device)
     if str(device) not in _TRITON_PROBES:
         ts = _triton_scan()
-        ok = ts is not None and (device.type == "cuda" or ts.interpreting())
+        # on a GPU only when compiled: the interpreter (TRITON_INTERPRET=1) would be far slower than "parallel"
+        ok = ts is not None and device.type == "cuda" and not ts.interpreting()
         if ok:
             try:
                 _probe_triton(ts, device)
@@ -73,8 +74,8 @@ def triton_works(device) -> bool:
 def resolve_method(method: str, device, op: str = "scan") -> str:
     """The method that runs for ``method`` on tensors of ``device``.
 
-    ``"auto"``: on CUDA ``"triton"`` when a probe call of the Triton kernels works (probed once per device),
-    else ``"parallel"``; elsewhere ``"chunked"``. An explicit name is returned as it is once it is known to be
+    ``"auto"``: on CUDA ``"triton"`` when a probe call of the compiled Triton kernels works (probed once per
+    device), else ``"parallel"``; elsewhere ``"chunked"``. An explicit name is returned as it is once it is known to be
     able to run: ``"triton"`` needs Triton, and on CPU tensors Triton's interpreter (``TRITON_INTERPRET=1``);
     ``"mamba_ssm"`` needs mamba_ssm's function for ``op`` (``"scan"``: ``selective_scan_fn``,
     ``"state_update"``: ``selective_state_update``) installed and working (a probe call). A ValueError says why
@@ -96,7 +97,7 @@ def resolve_method(method: str, device, op: str = "scan") -> str:
                              "use 'auto', 'chunked' or 'parallel'")
         if device.type != "cuda" and not ts.interpreting():
             raise ValueError(f"method 'triton' cannot run on {device.type} tensors unless Triton's interpreter "
-                             "is on (TRITON_INTERPRET=1); use 'chunked' there")
+                             "is on (TRITON_INTERPRET=1, set before triton is first imported); use 'chunked' there")
     elif method == "mamba_ssm":
         mamba_ssm_adapter.require(_UPSTREAM_OF[op], device)
     return method

@@ -16,9 +16,9 @@ its (BLOCK_D, d_state) slice of the state in registers. Every tensor is read thr
 (batch, channels, L) layout of mamba_ssm and the (batch, L, channels) layout of the layers both work without
 a copy. Non-power-of-two channel counts and state sizes are masked.
 
-The kernels are compiled lazily, the first time they are used, in the mode Triton is in at that moment: with
-``TRITON_INTERPRET=1`` they run on CPU tensors through Triton's interpreter (how the tests run them; note the
-interpreter truncates when it rounds fp32 to bf16, where a GPU rounds to nearest).
+The kernels are made when first used, in the mode Triton was imported in: with ``TRITON_INTERPRET=1`` set
+before the first ``import triton`` they run on CPU tensors through Triton's interpreter (how the tests run
+them; the interpreter truncates when it rounds fp32 to bf16, where a GPU rounds to nearest).
 """
 import contextlib
 import os
@@ -26,6 +26,8 @@ import os
 import torch
 import triton
 import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
+from triton.runtime.jit import JITFunction
 
 
 def _scan_fwd_body(
@@ -166,18 +168,30 @@ _KERNELS: dict = {}
 
 
 def interpreting() -> bool:
-    """Whether Triton runs kernels through its interpreter (``TRITON_INTERPRET=1``), read now."""
-    knobs = getattr(triton, "knobs", None)
+    """Whether Triton runs kernels through its interpreter (on CPU tensors too).
+
+    Triton fixes this when it is first imported: its own library functions (``tl.zeros``, ``tl.sum``, ...) are
+    built for the interpreter only if ``TRITON_INTERPRET=1`` was set then, so the variable must be set before
+    the first ``import triton`` (also an indirect one, e.g. through transformers); setting it later has no
+    effect. This reads the mode triton.language was built in."""
+    zeros = getattr(tl, "zeros", None)
+    if isinstance(zeros, InterpretedFunction):
+        return True
+    if isinstance(zeros, JITFunction):
+        return False
+    knobs = getattr(triton, "knobs", None)                    # a Triton whose tl.zeros is no jit function
     if knobs is not None:
         return bool(knobs.runtime.interpret)
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
 def _kernel(body):
-    """``triton.jit(body)``, made once per Triton mode (compiled, or interpreted under TRITON_INTERPRET=1)."""
-    key = (body.__name__, interpreting())
+    """``body`` as a Triton kernel, made once, in the mode triton.language was built in (see
+    :func:`interpreting`): a kernel of the other mode could not call triton.language's functions."""
+    mode = interpreting()
+    key = (body.__name__, mode)
     if key not in _KERNELS:
-        _KERNELS[key] = triton.jit(body)
+        _KERNELS[key] = InterpretedFunction(body) if mode else JITFunction(body)
     return _KERNELS[key]
 
 
