@@ -2,10 +2,14 @@
 import math
 import os
 
-import pytest
-import torch
+# No test runs on a GPU: the Triton kernels (mambaprune.ssm.triton_scan) run through Triton's interpreter, which
+# Triton only offers when the variable is set before triton is first imported (transformers imports it).
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from mambaprune.models.checkpoints import from_transformers_model
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from mambaprune.models.checkpoints import from_transformers_model  # noqa: E402
 
 torch.set_num_threads(2)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")    # a repo id in a test never downloads (mambaprune.models.hub)
