@@ -216,7 +216,7 @@ def check_state_updates(dims: Dims, device, paths, failures) -> list[dict]:
                 return torch.stack([selective_state_update(
                     state, x["u"][..., t], x["delta"][..., t], x["A"], x["B"][..., t], x["C"][..., t], D=x["D"],
                     z=x["z"][..., t], delta_bias=x["delta_bias"], delta_softplus=True,
-                    method=path if path != "reference" else "auto") for t in range(steps)], -1)
+                    method=path) for t in range(steps)], -1)
             try:
                 s, y = timed(run, device, dims.repeats)
             except Exception as e:
