@@ -215,8 +215,10 @@ def test_stops_on_eos_and_pads_finished_samples(small_lm):
     assert single[0].tolist() == greedy[0, :3].tolist()
 
 
-# largest logit error relative to the largest fp32 logit, measured on this model: 2.4% (bf16), 0.7% (fp16)
-LOW_PRECISION_BOUND = {torch.bfloat16: 0.04, torch.float16: 0.015}
+# largest logit error relative to the largest fp32 logit, measured on this model with the released rounding
+# order: 4.0% (bf16), 0.42% (fp16) (2.4% and 0.7% with the previous order; the weights' own rounding dominates:
+# against fp64 over hf_pair seeds 0-7 the mean error went from 2.8% to 2.5% in bf16, 0.38% to 0.35% in fp16)
+LOW_PRECISION_BOUND = {torch.bfloat16: 0.06, torch.float16: 0.015}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -227,7 +229,8 @@ def test_low_precision_runs_close_to_fp32(dtype):
         ref = ours(ids).logits
         low = ours.to(dtype)
         out = low(ids, use_cache=True)
-    assert out.logits.dtype == dtype and all(c.ssm_state.dtype == torch.float32 for c in out.cache.layers)
+    # the decoding states are kept in the model's dtype by default, as the released caches keep them
+    assert out.logits.dtype == dtype and all(c.ssm_state.dtype == dtype for c in out.cache.layers)
     rel = float((out.logits.float() - ref).abs().max() / ref.abs().max())
     print(f"{dtype}: largest logit error {100 * rel:.2f}% of the largest logit")
     assert rel < LOW_PRECISION_BOUND[dtype], (dtype, rel)
