@@ -103,16 +103,28 @@ def _drop_positions_hook(layer, positions):
     return hook
 
 
-def test_decode_after_pruned_prefill_matches_from_scratch(small_lm):
+SCAN_METHODS = ["reference", "chunked"]
+
+
+@pytest.mark.parametrize("scan_method", SCAN_METHODS)
+@pytest.mark.parametrize("cut_after", [-1, 1])
+def test_decode_after_pruned_prefill_matches_from_scratch(small_lm, scan_method, cut_after):
+    """Decoding from a pruned prefill's states = forwards from scratch over the prompt and the tokens generated so
+    far with the same cut; a cut before the first layer is a forward over the kept tokens alone."""
+    small_lm.scan_method = scan_method
+    dropped = [0, 3, 4, 7, 8, 10]
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(3))
-    hook = _drop_positions_hook(1, [0, 3, 4, 7, 8, 10])
+    kept = ids[:, [i for i in range(ids.shape[1]) if i not in dropped]]
+    hook = _drop_positions_hook(cut_after, dropped)
     gen = small_lm.generate(ids, hook=hook, max_new_tokens=8, eos_token_id=None)
     with torch.no_grad():
         out = small_lm(ids, hook=hook, use_cache=True)
         logits = out.logits
         for i in range(gen.shape[1]):
-            full = torch.cat([ids, gen[:, :i]], dim=1)
-            scratch = small_lm(full, hook=hook).logits
+            if cut_after == -1:
+                scratch = small_lm(torch.cat([kept, gen[:, :i]], dim=1)).logits
+            else:
+                scratch = small_lm(torch.cat([ids, gen[:, :i]], dim=1), hook=hook).logits
             torch.testing.assert_close(logits, scratch, rtol=0, atol=1e-4)
             assert int(scratch.argmax(-1)) == int(gen[0, i])
             logits = small_lm.step(gen[:, i], out.cache)
