@@ -203,6 +203,21 @@ def test_decoding_with_bf16_states_stays_close_to_fp32_states():
         lm(ids, use_cache=True)
 
 
+@pytest.mark.parametrize("state_dtype", [None, torch.float32])
+def test_step_updates_the_cache_tensors_in_place(state_dtype):
+    """What a CUDA graph of the step needs: the states are written where they lie, no new state tensor."""
+    lm = make_lm(torch.bfloat16, seed=11)
+    lm.state_dtype = state_dtype
+    ids = torch.randint(0, 64, (2, 7), generator=torch.Generator().manual_seed(11))
+    with torch.no_grad():
+        cache = lm(ids, use_cache=True).cache
+        before = [(c.conv_state, c.ssm_state, c.conv_state.clone(), c.ssm_state.clone()) for c in cache.layers]
+        lm.step(ids[:, -1], cache)
+    for c, (conv, ssm, conv_old, ssm_old) in zip(cache.layers, before):
+        assert c.conv_state is conv and c.ssm_state is ssm
+        assert not torch.equal(conv, conv_old) and not torch.equal(ssm, ssm_old)
+
+
 def test_fp32_greedy_decoding_equals_greedy_full_forwards():
     lm = make_lm(torch.float32, seed=7)
     ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(7))

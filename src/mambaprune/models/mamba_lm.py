@@ -520,7 +520,7 @@ class MambaLM(nn.Module):
             graphs.clear()
             graphs.update(weights=weights, pool=torch.cuda.graph_pool_handle())
         key = (tuple(first.conv_state.shape), first.conv_state.dtype, first.ssm_state.dtype,
-               first.ssm_state.device, self.scan_method)
+               first.ssm_state.device, self.scan_method, torch.is_inference_mode_enabled())
         if key not in graphs:
             graphs[key] = _DecodeGraph(self, cache, graphs["pool"])
         graph = graphs[key]
