@@ -628,10 +628,15 @@ def test_bfloat16_load_runs(tmp_path, layout):
         vocab = 50
     ref = load_mamba_lm(folder)
     model = load_mamba_lm(folder, dtype=torch.bfloat16)
-    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    # mamba_ssm keeps A_log and D in fp32 with the file's values (its Mamba creates them in fp32); transformers
+    # puts every tensor in the dtype asked for
+    fp32 = ("A_log", "D") if layout == "mamba_ssm" else ()
     assert model.lm_head.weight is model.backbone.embedding.weight
     for (k, p), (k2, q) in zip(model.state_dict().items(), ref.state_dict().items()):
-        assert k == k2 and torch.equal(p, q.to(torch.bfloat16)), k
+        kept = k.rsplit(".", 1)[-1] in fp32
+        assert k == k2 and p.dtype == (torch.float32 if kept else torch.bfloat16), k
+        assert torch.equal(p, q if kept else q.to(torch.bfloat16)), k
+    assert any(k.endswith("A_log") for k in model.state_dict())
 
     ids = ids_for(vocab, seed=6)
     with torch.no_grad():
@@ -640,7 +645,7 @@ def test_bfloat16_load_runs(tmp_path, layout):
     assert out.logits.dtype == torch.bfloat16
     assert out.logits.shape == (2, model.config.padded_vocab_size)
     assert torch.isfinite(out.logits.float()).all() and torch.isfinite(full.logits.float()).all()
-    # bf16 is close to the fp32 result: largest error 1.2% (transformers) and 1.0% (mamba_ssm) of the largest
+    # bf16 is close to the fp32 result: largest error 0.64% (transformers) and 0.84% (mamba_ssm) of the largest
     # logit, measured (bf16 has ~3 significant digits)
     fp32 = our_last_logits(ref, ids)
     rel = float((out.logits.float() - fp32).abs().max() / fp32.abs().max())

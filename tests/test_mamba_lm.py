@@ -103,16 +103,28 @@ def _drop_positions_hook(layer, positions):
     return hook
 
 
-def test_decode_after_pruned_prefill_matches_from_scratch(small_lm):
+SCAN_METHODS = ["reference", "chunked"]
+
+
+@pytest.mark.parametrize("scan_method", SCAN_METHODS)
+@pytest.mark.parametrize("cut_after", [-1, 1])
+def test_decode_after_pruned_prefill_matches_from_scratch(small_lm, scan_method, cut_after):
+    """Decoding from a pruned prefill's states = forwards from scratch over the prompt and the tokens generated so
+    far with the same cut; a cut before the first layer is a forward over the kept tokens alone."""
+    small_lm.scan_method = scan_method
+    dropped = [0, 3, 4, 7, 8, 10]
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(3))
-    hook = _drop_positions_hook(1, [0, 3, 4, 7, 8, 10])
+    kept = ids[:, [i for i in range(ids.shape[1]) if i not in dropped]]
+    hook = _drop_positions_hook(cut_after, dropped)
     gen = small_lm.generate(ids, hook=hook, max_new_tokens=8, eos_token_id=None)
     with torch.no_grad():
         out = small_lm(ids, hook=hook, use_cache=True)
         logits = out.logits
         for i in range(gen.shape[1]):
-            full = torch.cat([ids, gen[:, :i]], dim=1)
-            scratch = small_lm(full, hook=hook).logits
+            if cut_after == -1:
+                scratch = small_lm(torch.cat([kept, gen[:, :i]], dim=1)).logits
+            else:
+                scratch = small_lm(torch.cat([ids, gen[:, :i]], dim=1), hook=hook).logits
             torch.testing.assert_close(logits, scratch, rtol=0, atol=1e-4)
             assert int(scratch.argmax(-1)) == int(gen[0, i])
             logits = small_lm.step(gen[:, i], out.cache)
@@ -215,8 +227,10 @@ def test_stops_on_eos_and_pads_finished_samples(small_lm):
     assert single[0].tolist() == greedy[0, :3].tolist()
 
 
-# largest logit error relative to the largest fp32 logit, measured on this model: 2.4% (bf16), 0.7% (fp16)
-LOW_PRECISION_BOUND = {torch.bfloat16: 0.04, torch.float16: 0.015}
+# largest logit error relative to the largest fp32 logit, measured on this model with the released rounding
+# order: 4.0% (bf16), 0.42% (fp16) (2.4% and 0.7% with the previous order; the weights' own rounding dominates:
+# against fp64 over hf_pair seeds 0-7 the mean error went from 2.8% to 2.5% in bf16, 0.38% to 0.35% in fp16)
+LOW_PRECISION_BOUND = {torch.bfloat16: 0.06, torch.float16: 0.015}
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -227,7 +241,8 @@ def test_low_precision_runs_close_to_fp32(dtype):
         ref = ours(ids).logits
         low = ours.to(dtype)
         out = low(ids, use_cache=True)
-    assert out.logits.dtype == dtype and all(c.ssm_state.dtype == torch.float32 for c in out.cache.layers)
+    # the decoding states are kept in the model's dtype by default, as the released caches keep them
+    assert out.logits.dtype == dtype and all(c.ssm_state.dtype == dtype for c in out.cache.layers)
     rel = float((out.logits.float() - ref).abs().max() / ref.abs().max())
     print(f"{dtype}: largest logit error {100 * rel:.2f}% of the largest logit")
     assert rel < LOW_PRECISION_BOUND[dtype], (dtype, rel)

@@ -224,11 +224,11 @@ def implicit_attention_maps(lm, layers: Sequence[int], input_ids=None, *, inputs
     for layer in wanted:
         seq = capture.inputs[layer]
         block = lm.backbone.layers[layer]
-        stream = block.add(seq.hidden[sample:sample + 1],
-                           None if seq.residual is None else seq.residual[sample:sample + 1])
+        normed, _ = block.add_norm(seq.hidden[sample:sample + 1],
+                                   None if seq.residual is None else seq.residual[sample:sample + 1])
         real = seq.mask[sample]
         mask = None if bool(real.all()) else real[None]
-        _, _, _, delta, A, B, C = block.mixer.ssm_inputs(block.norm(stream.to(block.norm.weight.dtype)), mask)
+        _, _, _, delta, A, B, C = block.mixer.ssm_inputs(normed, mask)
         out[layer] = LayerImplicitAttention(
             layer=layer,
             map=implicit_attention(delta[0, real], A, B[0, real], C[0, real], channels=channels, reduce=reduce,

@@ -23,6 +23,21 @@ options transformers lacks). This module depends on :mod:`mambaprune.models.mamb
 
 Pickled files are read with ``torch.load(weights_only=True)`` only. Every key is checked: a missing,
 unexpected or mis-shaped tensor raises :class:`CheckpointError` naming it.
+
+**Dtypes.** Loaded in a reduced precision (``dtype=torch.bfloat16``), each layout is put in the dtypes its own
+loader gives (state-spaces/mamba and the released VLM code):
+
+* mamba_ssm folders, as ``MambaLMHeadModel.from_pretrained(folder, dtype=...)``: every tensor in ``dtype``
+  except ``A_log`` and ``D``, which stay fp32 with the file's values. ``Mamba.__init__`` creates them in fp32
+  whatever the model's dtype (``modules/mamba_simple.py`` l.104-115) and ``load_state_dict_hf`` returns the
+  file's tensors unconverted (``utils/hf.py`` l.18: the conversion after that ``return`` never runs), so
+  ``load_state_dict`` copies the fp32 values into fp32 parameters.
+* transformers folders, as ``MambaForCausalLM.from_pretrained(folder, torch_dtype=...)``: every tensor in
+  ``dtype``, ``A_log`` and ``D`` included (transformers' Mamba keeps no module in fp32).
+* Cobra and RoboMamba convert their whole model, ``A_log`` and ``D`` included, with one ``.to(device, dtype)``
+  after loading (Cobra's evaluation: h-zhao1997/vlm-evaluation ``vlm_eval/models/cobra.py`` l.59-60,
+  ``load_precision="bf16"``; RoboMamba: ``src/test.py`` l.409); so do ``load_cobra`` and ``load_robomamba``
+  given a ``dtype``.
 """
 from __future__ import annotations
 
@@ -337,10 +352,31 @@ def from_transformers_model(hf_model) -> MambaLM:
     return build_from_state(MambaLM, config, hf_model.state_dict(), "transformers model").eval()
 
 
+#: the parameters mamba_ssm's ``Mamba`` creates in fp32 whatever the model's dtype (modules/mamba_simple.py l.104-115)
+MAMBA_SSM_FP32_PARAMETERS = ("A_log", "D")
+
+
+def cast_parameters(model: nn.Module, dtype: torch.dtype | None = None, device=None,
+                    keep_fp32: Collection[str] = ()) -> nn.Module:
+    """``model.to(device=device, dtype=dtype)``, except that the parameters named (last name component) in
+    ``keep_fp32`` become fp32 with their exact values. Returns ``model``."""
+    model.to(device=device)
+    if dtype is not None:
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if p.is_floating_point():
+                    p.data = p.data.to(torch.float32 if name.rsplit(".", 1)[-1] in keep_fp32 else dtype)
+            for b in model.buffers():
+                if b.is_floating_point():
+                    b.data = b.data.to(dtype)
+    return model
+
+
 def load_mamba_lm(folder, dtype: torch.dtype | None = None, device=None) -> MambaLM:
     """A :class:`MambaLM` from a transformers ``MambaForCausalLM`` folder or a mamba_ssm folder (see the module
-    docstring), in eval mode; ``dtype`` and ``device`` where to put it (default: as read, on the CPU). ``folder``
-    may be a Hugging Face repo id (``state-spaces/mamba-2.8b-hf``; :func:`~mambaprune.models.hub.resolve_folder`)."""
+    docstring), in eval mode; ``dtype`` and ``device`` where to put it (default: fp32, on the CPU); a mamba_ssm
+    folder keeps ``A_log`` and ``D`` in fp32 as mamba_ssm does (module docstring, "Dtypes"). ``folder`` may be a
+    Hugging Face repo id (``state-spaces/mamba-2.8b-hf``; :func:`~mambaprune.models.hub.resolve_folder`)."""
     from .hub import WEIGHT_FOLDER, resolve_folder
 
     folder = resolve_folder(folder, allow_patterns=WEIGHT_FOLDER, weights=True)
@@ -350,9 +386,8 @@ def load_mamba_lm(folder, dtype: torch.dtype | None = None, device=None) -> Mamb
     layout = detect_layout(raw)
     config = config_from_transformers(raw) if layout == "transformers" else config_from_mamba_ssm(raw)
     model = build_from_state(MambaLM, config, read_folder_weights(folder), str(folder))
-    if dtype is not None or device is not None:
-        model = model.to(device=device, dtype=dtype)
-    return model.eval()
+    keep = MAMBA_SSM_FP32_PARAMETERS if layout == "mamba_ssm" else ()
+    return cast_parameters(model, dtype, device, keep_fp32=keep).eval()
 
 
 def save_mamba_lm(model: MambaLM, folder, layout: str | None = None) -> None:

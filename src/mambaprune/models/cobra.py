@@ -25,6 +25,13 @@ What the released code does, and what this builder reproduces:
   ``"\\n{question}\\nAnswer the question using a single word or phrase."`` with ``<image>`` removed and
   stripped, wrapped as ``"<|user|>\\n{message}<|endoftext|>\\n<|assistant|>\\n"``; no BOS.
 * **Decoding** (vlm-evaluation's defaults): greedy, at most 128 new tokens, stop at ``<|endoftext|>``.
+* **Precision** (vlm-evaluation's ``load_precision="bf16"``): the whole model, ``A_log`` and ``D`` included, is
+  converted to bf16 (``vlm.to(device, dtype)``; ``load_cobra(dtype=torch.bfloat16)``); ``generate`` runs under
+  ``torch.autocast("cuda", bf16)`` (cobra/models/vlms/cobra.py l.501-502, 564-565), here the vision tower and the
+  projector (``COBRA_SPEC.vision_autocast``), while the language model, whose weights are bf16 already and whose
+  layers are mamba_ssm's kernels, rounds as :class:`~mambaprune.models.mamba_lm.MambaMixer` says; decoding uses
+  mamba_ssm's CUDA-graph cache (``use_cache=True``; cobra/models/mamba/modeling_mamba.py l.102-113), states in
+  bf16 (:attr:`~mambaprune.models.mamba_lm.MambaLM.state_dtype`).
 """
 from __future__ import annotations
 
@@ -94,9 +101,11 @@ def cobra_vqa_prompt(question: str) -> str:
 
 COBRA_SPEC = VLMSpec(
     name="cobra", prompt_template=cobra_vqa_prompt, max_new_tokens=128, eos_token="<|endoftext|>",
-    chat_template=zephyr_prompt, protocol="cobra",
+    chat_template=zephyr_prompt, protocol="cobra", vision_autocast=True,
     notes="Prompt: Cobra's ZephyrChatPromptBuilder with vlm-evaluation's VQA message. Decoding: vlm-evaluation "
-          "PrismaticVLM defaults (do_sample=False, max_new_tokens=128, temperature=1.0), EOS <|endoftext|>.")
+          "PrismaticVLM defaults (do_sample=False, max_new_tokens=128, temperature=1.0), EOS <|endoftext|>. "
+          "Vision tower and projector under torch.autocast in the model's half dtype (cobra/models/vlms/cobra.py "
+          "l.501-502, 564-565).")
 
 
 def dinosiglip_tower(dino: ViTTower, siglip: ViTTower) -> FusedViTTower:
@@ -287,6 +296,8 @@ def load_cobra(run_dir=None, *, dino_dir=None, siglip_dir=None, tokenizer_dir=No
             weights with the names of timm's ``vit_so400m_patch14_siglip_384`` state dict.
         tokenizer_dir: the GPT-NeoX tokenizer Cobra loads with its LLM (``xiuyul/mamba-2.8b-zephyr``).
         dtype, device: where to put the model (e.g. ``torch.bfloat16``, ``"cuda"``); default fp32 on the CPU.
+            Every tensor is converted, ``A_log`` and ``D`` included, as Cobra's evaluation converts the loaded
+            model (h-zhao1997/vlm-evaluation ``vlm_eval/models/cobra.py`` l.59-60).
 
     A folder left out or not found is a :class:`CheckpointError` naming it and the public weights it takes.
     """

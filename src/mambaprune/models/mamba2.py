@@ -176,7 +176,8 @@ class Mamba2Mixer(nn.Module):
             signals = {"delta": inp.delta.mean(-1), "B": inp.B.mean((-2, -1)), "C": inp.C.mean((-2, -1)),
                        "y": y.mean((-2, -1))}
         if cache is not None:
-            cache.set_layer(layer_idx, causal_conv1d_final_state(inp.xBC, self.d_conv), last_state)
+            cache.set_layer(layer_idx, causal_conv1d_final_state(inp.xBC, self.d_conv),
+                            last_state.to(cache.state_dtype or inp.xBC.dtype))
         return self._output(y.flatten(-2), inp.z, inp.z0, inp.x0), signals
 
     # ------------------------------------------------------------------ decoding

@@ -20,8 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..pruning.sequence import TokenSequence
-from ..ssm import selective_state_update
-from ..ssm.chunked import scan_chunked
+from ..ssm import scan_layer, selective_state_update
+from ..ssm.conv import causal_conv1d, causal_conv1d_update
 from .mamba2 import Mamba2Mixer
 
 Hook = Callable[[TokenSequence], "TokenSequence | None"]
@@ -122,7 +122,12 @@ LAYER_KINDS = ("Mamba1", "Mamba2")
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm as transformers' MambaRMSNorm: normalise in fp32, cast back, scale by the weight."""
+    """RMSNorm computed in fp32 and rounded once, as mamba_ssm's Triton kernel does.
+
+    ``x`` (any float dtype, in the layers the fp32 residual sum) is normalised in fp32, scaled by the weight in
+    fp32 and rounded once to the weight's dtype (the model's): ``ops/triton/layer_norm.py`` l.259-282 of
+    state-spaces/mamba. In fp32 this is transformers' ``MambaRMSNorm``.
+    """
 
     def __init__(self, d: int, eps: float = 1e-5):
         super().__init__()
@@ -130,25 +135,36 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dtype)
+        return (xf * self.weight.float()).to(self.weight.dtype)
+
+
+def _fp32_sum(hidden: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """``hidden + residual`` formed in fp32 (``hidden`` alone before the first layer): the sum mamba_ssm's fused
+    add+norm forms before normalising (``ops/triton/layer_norm.py`` l.233-261)."""
+    return hidden.float() if residual is None else residual.float() + hidden.float()
 
 
 @dataclass
 class LayerCache:
-    """Decoding state of one layer: the last ``d_conv`` conv inputs and the fp32 SSM state."""
+    """Decoding state of one layer: the last ``d_conv`` conv inputs (model dtype) and the SSM state."""
 
     conv_state: torch.Tensor  # (batch, d_inner, d_conv); Mamba-2: (batch, conv_dim, d_conv)
-    ssm_state: torch.Tensor   # (batch, d_inner, d_state), fp32; Mamba-2: (batch, nheads, headdim, d_state)
+    ssm_state: torch.Tensor   # (batch, d_inner, d_state); Mamba-2: (batch, nheads, headdim, d_state); dtype:
+    #                           MambaCache.state_dtype
 
 
 @dataclass
 class MambaCache:
-    """Per-layer decoding states. Fixed size, so a prefill that dropped tokens needs no resizing."""
+    """Per-layer decoding states. Fixed size, so a prefill that dropped tokens needs no resizing.
+
+    ``state_dtype``: the dtype the SSM states are kept in; None: the model's dtype (see
+    :attr:`MambaLM.state_dtype`). The updates are computed in fp32 either way.
+    """
 
     layers: list[LayerCache | None] = field(default_factory=list)
+    state_dtype: torch.dtype | None = None
 
     def set_layer(self, layer_idx: int, conv_state: torch.Tensor, ssm_state: torch.Tensor) -> None:
         """Store layer ``layer_idx``'s state after a prefill (how mixers of other modules write it)."""
@@ -156,7 +172,17 @@ class MambaCache:
 
 
 class MambaMixer(nn.Module):
-    """The selective SSM block of Mamba v1 (Gu & Dao 2023, Fig. 3), released-checkpoint weight names."""
+    """The selective SSM block of Mamba v1 (Gu & Dao 2023, Fig. 3), released-checkpoint weight names.
+
+    In bf16/fp16 it rounds where the released kernels round (mamba_ssm ``modules/mamba_simple.py``): the
+    projections are matmuls in the model's dtype; the conv accumulates in fp32 and its SiLU output is rounded
+    once (causal-conv1d); ``dt_proj`` is a matmul without its bias, which is added to Δ in fp32 inside the scan
+    before the softplus; D and the silu(z) gate are applied in fp32 and the gated output rounded once.
+    ``scan_method`` is the scan :func:`~mambaprune.ssm.scan_layer` runs (set it through
+    :attr:`MambaLM.scan_method`).
+    """
+
+    scan_method: str = "auto"
 
     def __init__(self, config: MambaConfig):
         super().__init__()
@@ -171,42 +197,39 @@ class MambaMixer(nn.Module):
         self.D = nn.Parameter(torch.ones(di))
         self.out_proj = nn.Linear(di, d, bias=config.bias)
 
-    def causal_conv(self, x: torch.Tensor) -> torch.Tensor:
-        """Depthwise causal conv over time on x (batch, L, d_inner), zero left padding, plus bias.
+    def project(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """The projections of a normalised layer input x (batch, L, d_model), in the model's dtype.
 
-        Same result as ``conv1d(groups=d_inner, padding=d_conv-1)[..., :L]`` but in (batch, L, channels)
-        layout, as ``d_conv`` shifted multiply-adds (no transposes).
-        """
-        w = self.conv1d.weight[:, 0, :]                                            # (d_inner, d_conv)
-        k, L = self.d_conv, x.shape[1]
-        out = x * w[:, k - 1]
-        if self.conv1d.bias is not None:
-            out += self.conv1d.bias
-        for j in range(1, min(k, L)):
-            out[:, j:].addcmul_(x[:, :L - j], w[:, k - 1 - j])
-        return out
-
-    def ssm_inputs(self, x: torch.Tensor, mask: torch.Tensor | None = None):
-        """The scan's inputs for a normalised layer input x (batch, L, d_model), in (batch, L, channels) layout.
-
-        Returns ``(xs, z, u, delta, A, B, C)``: the in_proj halves ``xs`` (conv input, zeroed at padding) and
-        ``z`` (gate), ``u`` = silu(conv(xs)) in fp32, ``delta`` = softplus(dt_proj(dt)) in fp32 (0 at padding),
-        ``A`` = -exp(A_log) (d_inner, d_state), ``B``/``C`` (batch, L, d_state) fp32. The forward pass and the
-        analyses (implicit attention, Eq. 3-5 of the DTP paper) both read them from here.
+        Returns ``(xs, z, u, dt, B, C)``: the in_proj halves ``xs`` (conv input, zeroed at padding) and ``z``
+        (gate), ``u`` = silu(conv(xs)) (causal-conv1d's arithmetic; zeroed at padding after x_proj read it),
+        ``dt`` = dt_proj's matmul without its bias (the bias goes into the scan, mamba_simple.py l.184, 197),
+        ``B``, ``C`` (batch, L, d_state). All in (batch, L, channels) layout.
         """
         xs, z = self.in_proj(x).chunk(2, dim=-1)                                   # (b, L, d_inner) each
         if mask is not None:
             xs = xs * mask[..., None].to(xs.dtype)
-        u = F.silu(self.causal_conv(xs))
+        u = causal_conv1d(xs, self.conv1d.weight[:, 0, :], self.conv1d.bias, activation="silu")
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt).float())                              # (b, L, d_inner), fp32
-        uf = u.float()
         if mask is not None:
-            m = mask[..., None]
-            delta = delta * m
-            uf = uf * m
+            u = u * mask[..., None].to(u.dtype)
+        return xs, z, u, F.linear(dt, self.dt_proj.weight), B, C
+
+    def delta(self, dt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Δ = softplus(dt + dt_proj.bias) in fp32, 0 at padding: what the scan forms from ``dt`` and its
+        ``delta_bias``."""
+        delta = F.softplus(dt.float() + self.dt_proj.bias.float())
+        return delta if mask is None else delta * mask[..., None]
+
+    def ssm_inputs(self, x: torch.Tensor, mask: torch.Tensor | None = None):
+        """The scan's inputs for a normalised layer input x (batch, L, d_model), in (batch, L, channels) layout.
+
+        Returns ``(xs, z, u, delta, A, B, C)``: ``xs``, ``z`` as :meth:`project`, ``u`` in fp32, ``delta`` =
+        softplus(dt_proj(dt)) in fp32 (0 at padding), ``A`` = -exp(A_log) (d_inner, d_state), ``B``/``C``
+        (batch, L, d_state) fp32. The analyses (implicit attention, Eq. 3-5 of the DTP paper) read them here.
+        """
+        xs, z, u, dt, B, C = self.project(x, mask)
         A = -torch.exp(self.A_log.float())
-        return xs, z, uf, delta, A, B.float(), C.float()
+        return xs, z, u.float(), self.delta(dt, mask), A, B.float(), C.float()
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, want_signals: bool = False,
                 cache: MambaCache | None = None, layer_idx: int = 0):
@@ -218,41 +241,53 @@ class MambaMixer(nn.Module):
         All tensors stay in (batch, L, channels) layout.
         """
         L = x.shape[1]
-        xs, z, uf, delta, A, B, C = self.ssm_inputs(x, mask)
+        xs, z, u, dt, B, C = self.project(x, mask)
+        A = -torch.exp(self.A_log.float())
+        signals = {}
+        if mask is None and not want_signals:
+            # the released call (mamba_simple.py l.189-200): Δ bias, softplus, D and the gate inside the scan
+            y, last_state = scan_layer(u, dt, A, B, C, D=self.D, z=z, delta_bias=self.dt_proj.bias,
+                                       delta_softplus=True, method=self.scan_method)
+        else:
+            # Δ is zeroed at padding and is a signal: the same fp32 arithmetic, outside the scan; y before the gate
+            delta = self.delta(dt, mask)
+            y, last_state = scan_layer(u, delta, A, B, C, D=self.D, method=self.scan_method)
+            if want_signals:
+                signals = {"delta": delta.mean(-1), "B": B.float().mean(-1), "C": C.float().mean(-1),
+                           "y": y.mean(-1)}
+            y = y * F.silu(z.float())
         if cache is not None:
             k = self.d_conv
             tail = xs[:, L - k:] if L >= k else F.pad(xs, (0, 0, k - L, 0))
             conv_state = tail.transpose(1, 2).contiguous()                       # (b, d_inner, d_conv)
-        y, last_state = scan_chunked(uf, delta, A, B, C)
-        y = y.addcmul(uf, self.D.float())                                          # y_t = C_t h_t + D u_t
-        signals = {}
-        if want_signals:
-            signals = {"delta": delta.mean(-1), "B": B.mean(-1), "C": C.mean(-1),
-                       "y": y.mean(-1)}
-        if cache is not None:
-            cache.layers[layer_idx] = LayerCache(conv_state, last_state)
-        out = self.out_proj((y.to(z.dtype) * F.silu(z)))
-        return out, signals
+            state_dtype = cache.state_dtype or xs.dtype
+            cache.layers[layer_idx] = LayerCache(conv_state, last_state.to(state_dtype))
+        return self.out_proj(y.to(z.dtype)), signals
 
     def step(self, x: torch.Tensor, state: LayerCache) -> torch.Tensor:
-        """One decoding step: x (batch, d_model) -> (batch, d_model); ``state`` is updated in place."""
+        """One decoding step: x (batch, d_model) -> (batch, d_model); ``state`` is updated in place.
+
+        mamba_simple.py ``step`` (l.208-253) with causal-conv1d's and mamba_ssm's update kernels: no host
+        synchronisation and no new state tensor, so it can be captured in a CUDA graph.
+        """
         xs, z = self.in_proj(x).chunk(2, dim=-1)
-        conv = state.conv_state
-        conv.copy_(torch.roll(conv, shifts=-1, dims=-1))
-        conv[:, :, -1] = xs
-        u = (conv * self.conv1d.weight[:, 0, :]).sum(-1)
-        if self.conv1d.bias is not None:
-            u = u + self.conv1d.bias
-        u = F.silu(u)
+        u = causal_conv1d_update(xs, state.conv_state, self.conv1d.weight[:, 0, :], self.conv1d.bias,
+                                 activation="silu")
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = F.softplus(self.dt_proj(dt).float())
         A = -torch.exp(self.A_log.float())
-        y = selective_state_update(state.ssm_state, u, delta, A, B, C, D=self.D)
-        return self.out_proj(y * F.silu(z))
+        y = selective_state_update(state.ssm_state, u, F.linear(dt, self.dt_proj.weight), A, B, C, D=self.D,
+                                   z=z, delta_bias=self.dt_proj.bias, delta_softplus=True, method=self.scan_method)
+        return self.out_proj(y)
 
 
 class MambaBlock(nn.Module):
-    """Add-norm-mix, mamba_ssm style: ``residual = hidden + residual``, ``hidden = mixer(norm(residual))``."""
+    """Add-norm-mix, mamba_ssm style: ``residual = hidden + residual``, ``hidden = mixer(norm(residual))``.
+
+    The add and the norm are mamba_ssm's fused add+norm (``modules/block.py`` l.57-66, ``residual_in_fp32``):
+    the sum is formed in fp32 and normalised from there, the normalised input is rounded once to the model's
+    dtype, and the residual passed on is that fp32 sum (rounded to the residual's dtype without
+    ``residual_in_fp32``).
+    """
 
     def __init__(self, config: MambaConfig):
         super().__init__()
@@ -260,19 +295,21 @@ class MambaBlock(nn.Module):
         self.norm = RMSNorm(config.d_model, config.rms_norm_eps)
         self.mixer = Mamba2Mixer(config) if config.layer == "Mamba2" else MambaMixer(config)
 
-    def add(self, hidden, residual):
-        residual = hidden if residual is None else residual + hidden
-        return residual.float() if self.residual_in_fp32 else residual
+    def add_norm(self, hidden, residual):
+        """(mixer input in the model's dtype, residual stream to pass on)."""
+        total = _fp32_sum(hidden, residual)
+        if not self.residual_in_fp32:
+            return self.norm(total), total.to(hidden.dtype if residual is None else residual.dtype)
+        return self.norm(total), total
 
     def forward(self, hidden, residual, mask=None, want_signals=False, cache=None, layer_idx=0):
-        residual = self.add(hidden, residual)
-        out, signals = self.mixer(self.norm(residual.to(self.norm.weight.dtype)), mask=mask,
-                                  want_signals=want_signals, cache=cache, layer_idx=layer_idx)
+        normed, residual = self.add_norm(hidden, residual)
+        out, signals = self.mixer(normed, mask=mask, want_signals=want_signals, cache=cache, layer_idx=layer_idx)
         return out, residual, signals
 
     def step(self, hidden, residual, state: LayerCache):
-        residual = self.add(hidden, residual)
-        return self.mixer.step(self.norm(residual.to(self.norm.weight.dtype)), state), residual
+        normed, residual = self.add_norm(hidden, residual)
+        return self.mixer.step(normed, state), residual
 
 
 class MambaBackbone(nn.Module):
@@ -288,6 +325,41 @@ def _synchronizer(device) -> Callable[[], None]:
     if device is not None and device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
+
+
+class _DecodeGraph:
+    """:meth:`MambaLM.step` captured as one CUDA graph for one batch shape, as mamba_ssm's ``capture_graph``
+    (utils/generation.py l.342-389): static token and per-layer state buffers, two warm-up steps on a side
+    stream, the capture, then each call copies the token in, replays, and returns a copy of the static logits."""
+
+    WARMUPS = 2
+
+    def __init__(self, lm: "MambaLM", like: MambaCache, pool):
+        device = like.layers[0].ssm_state.device
+        self.cache = MambaCache([LayerCache(torch.zeros_like(c.conv_state), torch.zeros_like(c.ssm_state))
+                                 for c in like.layers], like.state_dtype)
+        self.token = torch.zeros(like.layers[0].conv_state.shape[0], dtype=torch.long, device=device)
+        with torch.cuda.device(device):
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for _ in range(self.WARMUPS):
+                    lm.step(self.token, self.cache)
+            torch.cuda.current_stream().wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool):
+                self.logits = lm.step(self.token, self.cache)
+
+    def load(self, cache: MambaCache) -> None:
+        """Copy the states of a prefill (possibly pruned: the states have a fixed size) into the static ones."""
+        for static, state in zip(self.cache.layers, cache.layers):
+            static.conv_state.copy_(state.conv_state)
+            static.ssm_state.copy_(state.ssm_state)
+
+    def __call__(self, token: torch.Tensor) -> torch.Tensor:
+        self.token.copy_(token)
+        self.graph.replay()
+        return self.logits.clone()
 
 
 @dataclass
@@ -307,7 +379,24 @@ class MambaOutput:
 
 
 class MambaLM(nn.Module):
-    """Mamba language model with a pruning-ready layer loop, decoding, and released-checkpoint loading."""
+    """Mamba language model with a pruning-ready layer loop, decoding, and released-checkpoint loading.
+
+    Options, attributes that may be set at any time:
+
+    * ``scan_method``: the selective scan every layer runs (:func:`mambaprune.ssm.scan_layer`'s ``method``),
+      default ``"chunked"``.
+    * ``state_dtype``: the dtype the SSM states are kept in for decoding. None (default): the model's dtype,
+      as every released decoding path keeps them (mamba_ssm ``Mamba.allocate_inference_cache`` and
+      ``_get_states_from_cache``, modules/mamba_simple.py l.255-294, which the CUDA-graph cache of
+      ``utils/generation.py`` l.311 allocates in the parameters' dtype, and so Cobra's and RoboMamba's
+      generation), so bf16 decoding gives the released tokens; ``torch.float32`` keeps them in fp32 (more
+      accurate decoding in bf16/fp16; no difference in fp32). The update itself is computed in fp32 either way.
+    * ``cuda_graph``: on CUDA, decode with :meth:`step` captured as one CUDA graph per batch size (True by
+      default; see :meth:`generate`).
+    """
+
+    state_dtype: torch.dtype | None = None
+    cuda_graph: bool = True
 
     def __init__(self, config: MambaConfig):
         super().__init__()
@@ -316,6 +405,26 @@ class MambaLM(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.padded_vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.backbone.embedding.weight
+        self.scan_method = MambaMixer.scan_method
+
+    @property
+    def scan_method(self) -> str:
+        return self._scan_method
+
+    @scan_method.setter
+    def scan_method(self, method: str) -> None:
+        if not isinstance(method, str):
+            raise ValueError(f"scan_method must be the name of a scan method, got {method!r}")
+        self.__dict__["_scan_method"] = method
+        for module in self.modules():
+            if module is not self and hasattr(module, "scan_method"):
+                module.scan_method = method
+
+    def _new_cache(self) -> MambaCache:
+        dtype = self.state_dtype
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise ValueError(f"state_dtype must be None (the model's dtype) or a floating torch.dtype, got {dtype!r}")
+        return MambaCache([None] * self.config.n_layer, state_dtype=dtype)
 
     # ------------------------------------------------------------------ inputs
     def _check_ids(self, input_ids):
@@ -399,7 +508,7 @@ class MambaLM(nn.Module):
             hook.start(self.config)               # a pruner resolves its layers and clears per-run records
         if signal_layers is None:
             signal_layers = getattr(hook, "signal_layers", None) or ()
-        cache = MambaCache([None] * self.config.n_layer) if use_cache else None
+        cache = self._new_cache() if use_cache else None
         tokens_per_layer = []
         if hook is not None:
             seq = self._apply_hook(hook, seq)
@@ -412,8 +521,10 @@ class MambaLM(nn.Module):
             seq = seq.replace(hidden=hidden, residual=residual, layer=i, signals=signals)
             if hook is not None:
                 seq = self._apply_hook(hook, seq)
-        last = seq.stream() if return_all_logits else seq.stream()[:, -1]
-        logits = self.lm_head(self.backbone.norm_f(last.to(self.lm_head.weight.dtype)))
+        hidden, residual = seq.hidden, seq.residual
+        if not return_all_logits:
+            hidden, residual = hidden[:, -1], None if residual is None else residual[:, -1]
+        logits = self.lm_head(self.backbone.norm_f(_fp32_sum(hidden, residual)))  # norm_f on the fp32 sum
         return MambaOutput(logits=logits, sequence=seq, tokens_per_layer=tokens_per_layer, cache=cache)
 
     @staticmethod
@@ -438,7 +549,30 @@ class MambaLM(nn.Module):
         residual = None
         for block, state in zip(self.backbone.layers, cache.layers):
             hidden, residual = block.step(hidden, residual, state)
-        return self.lm_head(self.backbone.norm_f((residual + hidden).to(self.lm_head.weight.dtype)))
+        return self.lm_head(self.backbone.norm_f(_fp32_sum(hidden, residual)))
+
+    def _decoder(self, cache: MambaCache) -> Callable[[torch.Tensor], torch.Tensor]:
+        """The decoding step :meth:`generate` runs from ``cache``: token (batch,) -> logits (batch, vocab).
+
+        :meth:`step` itself; or, on CUDA with :attr:`cuda_graph`, the replay of :meth:`step` captured once per
+        batch shape, with ``cache``'s states copied into the graph's static ones first. A graph is kept until the
+        weights move or change dtype (then all are captured anew).
+        """
+        first = cache.layers[0]
+        if not (self.cuda_graph and first.ssm_state.device.type == "cuda"):
+            return lambda token: self.step(token, cache)
+        weights = tuple((p.data_ptr(), p.dtype) for p in self.parameters())
+        graphs = self.__dict__.setdefault("_decode_graphs", {})
+        if graphs.get("weights") != weights:
+            graphs.clear()
+            graphs.update(weights=weights, pool=torch.cuda.graph_pool_handle())
+        key = (tuple(first.conv_state.shape), first.conv_state.dtype, first.ssm_state.dtype,
+               first.ssm_state.device, self.scan_method, torch.is_inference_mode_enabled())
+        if key not in graphs:
+            graphs[key] = _DecodeGraph(self, cache, graphs["pool"])
+        graph = graphs[key]
+        graph.load(cache)
+        return graph
 
     def _next_token(self, logits, do_sample, temperature, top_p, generator):
         logits = logits[..., : self.config.vocab_size].float()
@@ -476,6 +610,11 @@ class MambaLM(nn.Module):
 
         ``first_logits``: a list to which the prefill's last-position logits (batch, vocab), in fp32, are appended:
         the distribution the first new token is taken from (candidate-probability answers read it; no second pass).
+
+        On CUDA the steps replay a CUDA graph of :meth:`step` captured for the batch shape (once, on the first
+        call with that shape), as mamba_ssm's ``generate(cg=True)`` does; the prefill's states, after whatever
+        the hook cut, are copied into the graph's static states first. The tokens are those of the step-by-step
+        loop, which runs instead when :attr:`cuda_graph` is False.
         """
         if max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
@@ -500,6 +639,7 @@ class MambaLM(nn.Module):
         if first_logits is not None:
             first_logits.append(out.logits.float())
         token = self._next_token(out.logits, do_sample, temperature, top_p, generator)
+        decode = None
         done = torch.zeros_like(token, dtype=torch.bool)
         tokens = []
         for i in range(max_new_tokens):
@@ -509,10 +649,12 @@ class MambaLM(nn.Module):
                 done = done | (token == eos)
             if bool(done.all()) or i == max_new_tokens - 1:
                 break
+            if decode is None:                      # a graph is captured here, outside the timed steps
+                decode = self._decoder(out.cache)
             if timed:
                 sync()
                 t0 = time.perf_counter()
-            logits = self.step(token, out.cache)
+            logits = decode(token)
             if timed:
                 sync()
                 timings["decode_s"].append(time.perf_counter() - t0)

@@ -27,6 +27,12 @@ reproduces:
   per benchmark (:data:`ROBOMAMBA_TASK_MAX_NEW_TOKENS`). ``test.py`` passes no ``eos_token_id``, so the released
   loop always runs the whole budget and ``batch_decode`` drops the EOS tokens; here decoding stops at
   ``<|endoftext|>`` and the answer is the text before it.
+* **Precision** (``test.py``): the whole model, ``A_log`` and ``D`` included, in bf16 (fp16 without bf16
+  support), ``model.to(device, dtype)`` (l.409; ``load_robomamba(dtype=torch.bfloat16)``), and generation under
+  ``torch.autocast("cuda", dtype)`` (l.370-372), here the vision tower and the projector
+  (``ROBOMAMBA_SPEC.vision_autocast``); the language model is mamba_ssm's modules (``src/model/my_mamba``: fused
+  add+norm, residual in fp32) and rounds as :class:`~mambaprune.models.mamba_lm.MambaMixer` says; decoding uses
+  the CUDA-graph cache (``cg=True``, ``src/model/vlm.py`` l.97), states in the model's dtype.
 """
 from __future__ import annotations
 
@@ -49,9 +55,10 @@ VISION_PREFIX, LLM_PREFIX, PROJECTOR_PREFIX = "vision.model.", "llm.mamba.", "pr
 ROBOMAMBA_SPEC = VLMSpec(
     name="robomamba", prompt_template="<image>Question:{question} Answer:", max_new_tokens=128,
     chat_template="<image>Question:{message} Answer:", protocol="robomamba",
-    task_max_new_tokens=ROBOMAMBA_TASK_MAX_NEW_TOKENS, eos_token="<|endoftext|>",
+    task_max_new_tokens=ROBOMAMBA_TASK_MAX_NEW_TOKENS, eos_token="<|endoftext|>", vision_autocast=True,
     notes="Prompt and budgets: RoboMamba's src/test.py. Greedy: its GenerationMixin keeps top_k=1 although "
-          "test.py passes do_sample=True, temperature=0.4. Stops at <|endoftext|> (the released loop does not).")
+          "test.py passes do_sample=True, temperature=0.4. Stops at <|endoftext|> (the released loop does not). "
+          "Vision tower and projector under torch.autocast in the model's half dtype (src/test.py l.370-372).")
 
 
 def build_robomamba(clip: ViTTower, projector: MLPProjector, lm: MambaLM, tokenizer) -> MambaVLM:
@@ -131,7 +138,8 @@ def load_robomamba(checkpoint=None, *, clip_dir=None, llm_dir=None, tokenizer_di
         tokenizer_dir: the tokenizer folder; default ``llm_dir`` (the hub repository holds the tokenizer).
         clip_num_heads: attention heads of the CLIP tower when it is built from the checkpoint's tensors alone
             (the tensors do not show it; ViT-L/14 has 16).
-        dtype, device: where to put the model; default fp32 on the CPU.
+        dtype, device: where to put the model; default fp32 on the CPU. Every tensor is converted, ``A_log``
+            and ``D`` included, as ``test.py`` converts the loaded model (l.409).
 
     A path left out or not found is a :class:`CheckpointError` naming it and the public weights it takes.
     """

@@ -14,6 +14,7 @@ a :class:`~mambaprune.pruning.base.Pruner`) is passed through as the model's ``h
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Collection, Sequence
@@ -42,6 +43,9 @@ class VLMSpec:
             field, or a function); None: :attr:`prompt_template` serves.
         protocol: the evaluation protocol the model runs under by default (:mod:`mambaprune.eval.protocols`);
             None: ``official``.
+        vision_autocast: run the vision tower and the projector under ``torch.autocast`` in the language
+            model's dtype when that is bf16 or fp16, as the released generation code does (the language model
+            itself does its own rounding, see :class:`~mambaprune.models.mamba_lm.MambaMixer`).
     """
 
     name: str
@@ -55,6 +59,7 @@ class VLMSpec:
     notes: str = ""
     chat_template: str | Callable[[str], str] | None = None
     protocol: str | None = None
+    vision_autocast: bool = False
 
     def prompt(self, question: str) -> str:
         """The prompt text for one question."""
@@ -147,11 +152,15 @@ class MambaVLM(nn.Module):
 
     # ---------------------------------------------------------------------------------------------- inputs
     def embed_visual(self, pixels) -> torch.Tensor:
-        """(batch, num_visual, d_model): projected patch features, in the language model's dtype."""
-        features = self.vision(pixels)
+        """(batch, num_visual, d_model): projected patch features, in the language model's dtype (under
+        ``torch.autocast`` when the spec's ``vision_autocast`` asks for it)."""
+        dtype = self.lm.backbone.embedding.weight.dtype
         param = next(self.projector.parameters())
-        projected = self.projector(features.to(device=param.device, dtype=param.dtype))
-        return projected.to(self.lm.backbone.embedding.weight.dtype)
+        autocast = self.spec.vision_autocast and dtype in (torch.bfloat16, torch.float16)
+        with torch.autocast(param.device.type, dtype=dtype) if autocast else contextlib.nullcontext():
+            features = self.vision(pixels)
+            projected = self.projector(features.to(device=param.device, dtype=param.dtype))
+        return projected.to(dtype)
 
     def _batch(self, images, questions):
         """(questions list, pixels, single?) with the batch sizes checked."""

@@ -28,7 +28,8 @@ def selective_state_update(state, x, delta, A, B, C, D=None, z=None, delta_bias=
     :func:`selective_scan_reference` for a single time step, computed in fp32. The state may be fp32 or the
     model's dtype (bf16/fp16, as mamba_ssm's inference cache keeps it): it is read into fp32, advanced, and
     stored back in its own dtype; the output is taken from the fp32 state before that rounding (as
-    ``mamba_ssm/ops/triton/selective_state_update.py`` does) and returned in x's dtype.
+    ``mamba_ssm/ops/triton/selective_state_update.py`` l.95-132 does: delta_bias added before the softplus, D
+    and the silu(z) gate in fp32) and rounded once to x's dtype.
 
     ``method``: ``"triton"`` (one fused kernel), ``"mamba_ssm"`` (mamba_ssm's Triton kernel), ``"auto"``
     (the Triton kernel on CUDA when it works) or any other scan method name, which all take the PyTorch path.
@@ -49,9 +50,9 @@ def selective_state_update(state, x, delta, A, B, C, D=None, z=None, delta_bias=
     if delta_softplus:
         delta = F.softplus(delta)
     xf = x.float()
-    h = state if state.dtype == torch.float32 else state.float()
-    h.mul_(torch.exp(delta[..., None] * A.float()))
-    h.add_((delta * xf)[..., None] * B.float()[:, None, :])
+    decay = torch.exp(delta[..., None] * A.float())
+    h = state if state.dtype == torch.float32 else state.float()     # fp32 state: updated where it lies
+    h.mul_(decay).add_((delta * xf)[..., None] * B.float()[:, None, :])
     if h is not state:
         state.copy_(h)
     y = torch.einsum("bdn,bn->bd", h, C.float())
