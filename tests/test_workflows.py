@@ -63,12 +63,12 @@ def test_flops_cli(capsys):
 
 
 def _std_curve_by_hand(model, samples):
-    """DTP's Eq. 6-7 outside the library: Δ = softplus(dt_proj(.)) caught on each layer's dt_proj in a plain
+    """DTP's Eq. 6-7 outside the library: Δ = softplus(dt_proj(.) + bias) caught on each layer's dt_proj in a plain
     prefill, its mean over the channels per visual token (Eq. 6), the population Std over the visual tokens of
     each layer (Eq. 7), averaged over the samples; in fp64 and plain Python."""
     caught = {}
     handles = [layer.mixer.dt_proj.register_forward_hook(
-        lambda mod, args, out, l=l: caught.__setitem__(l, out.detach().double()))
+        lambda mod, args, out, l=l: caught.__setitem__(l, out.detach().double() + mod.bias.double()))
         for l, layer in enumerate(model.lm.backbone.layers)]
     curves = []
     try:

@@ -171,6 +171,16 @@ class MambaCache:
         self.layers[layer_idx] = LayerCache(conv_state, ssm_state)
 
 
+class DeltaProjection(nn.Linear):
+    """``dt_proj``: an ``nn.Linear`` whose forward is the matmul alone. Its bias is Δ's bias, which the scan adds in
+    fp32 before the softplus (``delta_bias``), as mamba_ssm's fast path uses ``dt_proj.weight`` and passes
+    ``dt_proj.bias.float()`` to the kernel (``modules/mamba_simple.py`` l.184, 197). A module of its own, so
+    that hooks and FLOP counters see the projection under its released name."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.weight)
+
+
 class MambaMixer(nn.Module):
     """The selective SSM block of Mamba v1 (Gu & Dao 2023, Fig. 3), released-checkpoint weight names.
 
@@ -192,7 +202,7 @@ class MambaMixer(nn.Module):
         self.conv1d = nn.Conv1d(di, di, kernel_size=config.d_conv, groups=di, padding=config.d_conv - 1,
                                 bias=config.conv_bias)
         self.x_proj = nn.Linear(di, r + 2 * n, bias=False)
-        self.dt_proj = nn.Linear(r, di, bias=True)
+        self.dt_proj = DeltaProjection(r, di, bias=True)
         self.A_log = nn.Parameter(torch.log(torch.arange(1, n + 1, dtype=torch.float32)).repeat(di, 1))
         self.D = nn.Parameter(torch.ones(di))
         self.out_proj = nn.Linear(di, d, bias=config.bias)
@@ -212,7 +222,7 @@ class MambaMixer(nn.Module):
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         if mask is not None:
             u = u * mask[..., None].to(u.dtype)
-        return xs, z, u, F.linear(dt, self.dt_proj.weight), B, C
+        return xs, z, u, self.dt_proj(dt), B, C
 
     def delta(self, dt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Δ = softplus(dt + dt_proj.bias) in fp32, 0 at padding: what the scan forms from ``dt`` and its
@@ -275,7 +285,7 @@ class MambaMixer(nn.Module):
                                  activation="silu")
         dt, B, C = torch.split(self.x_proj(u), [self.dt_rank, self.d_state, self.d_state], dim=-1)
         A = -torch.exp(self.A_log.float())
-        y = selective_state_update(state.ssm_state, u, F.linear(dt, self.dt_proj.weight), A, B, C, D=self.D,
+        y = selective_state_update(state.ssm_state, u, self.dt_proj(dt), A, B, C, D=self.D,
                                    z=z, delta_bias=self.dt_proj.bias, delta_softplus=True, method=self.scan_method)
         return self.out_proj(y)
 
