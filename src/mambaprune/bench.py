@@ -165,9 +165,10 @@ def _mamba2_models(s: BenchSettings):
     from transformers.utils import logging
 
     logging.set_verbosity_error()
-    hf = Mamba2ForCausalLM(Mamba2Config(hidden_size=s.d_model, num_hidden_layers=s.n_layer, vocab_size=s.vocab_size,
-                                        num_heads=2 * s.d_model // s.mamba2_headdim, head_dim=s.mamba2_headdim, state_size=s.mamba2_d_state,
-                                        n_groups=s.mamba2_ngroups, tie_word_embeddings=True)).eval()
+    cfg = Mamba2Config(hidden_size=s.d_model, num_hidden_layers=s.n_layer, vocab_size=s.vocab_size,
+                       num_heads=2 * s.d_model // s.mamba2_headdim, head_dim=s.mamba2_headdim,
+                       state_size=s.mamba2_d_state, n_groups=s.mamba2_ngroups, tie_word_embeddings=True)
+    hf = Mamba2ForCausalLM(cfg).eval()
     return from_transformers_model(hf), hf
 
 
