@@ -69,15 +69,16 @@ def _check_inputs(delta, A, B, C):
         raise ValueError("implicit_attention: delta must be >= 0 (it is a softplus output)")
 
 
-def _channel_index(channels, d_inner: int, device, name: str = "implicit_attention", what: str = "channels",
-                   ) -> torch.Tensor:
+def _channel_index(channels, count: int, device, name: str = "implicit_attention",
+                   what: str = "channels") -> torch.Tensor:
+    """The indices in ``channels`` (all ``count`` when None) as a long tensor; bad ones are a ValueError."""
     if channels is None:
-        return torch.arange(d_inner, device=device)
+        return torch.arange(count, device=device)
     idx = torch.as_tensor(channels, device=device)
     if idx.dim() != 1 or idx.numel() == 0 or idx.is_floating_point() or idx.dtype == torch.bool:
         raise ValueError(f"{name}: {what} must be a non-empty 1-D collection of indices, got {channels!r}")
-    if int(idx.min()) < 0 or int(idx.max()) >= d_inner:
-        raise ValueError(f"{name}: {what} must lie in [0, {d_inner}), got [{int(idx.min())}, {int(idx.max())}]")
+    if int(idx.min()) < 0 or int(idx.max()) >= count:
+        raise ValueError(f"{name}: {what} must lie in [0, {count}), got [{int(idx.min())}, {int(idx.max())}]")
     return idx.long()
 
 
