@@ -5,7 +5,8 @@ the processes torchrun starts, with ``tests`` on PYTHONPATH). Its answers are ga
   byte symbols, so every SynthVQA question is tokenizable and the model's vocabulary is exactly 257;
 * vision: a random 2-block CLIP tower, 56 px, 14 px patches -> 4 x 4 = 16 visual tokens;
 * language model: a random 8-layer Mamba LM of width 32, weights drawn from a seeded generator, the EOS
-  embedding scaled up so that answers end at different lengths (1 to 6 new tokens, EOS included).
+  embedding scaled up so that answers end at different lengths (1 to 6 new tokens, EOS included);
+  ``runner_fixture_model:load_tiny_mamba2`` is the same model with Mamba-2 layers.
 """
 from __future__ import annotations
 
@@ -56,14 +57,14 @@ def _randomize(module: torch.nn.Module, gen: torch.Generator) -> None:
                 p.copy_(noise / math.sqrt(p.shape[-1]) * (3.0 if "out_proj" in name else 1.0))
 
 
-def load_tiny(seed: int = 0) -> MambaVLM:
+def _tiny_vlm(seed: int, **lm_fields) -> MambaVLM:
     tok = byte_tokenizer()
     clip = random_vit_model("clip", seed=seed, image_size=IMAGE_SIZE, patch_size=PATCH, hidden_size=32,
                             num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         lm = MambaLM(MambaConfig(d_model=32, n_layer=N_LAYER, vocab_size=len(tok), d_state=8, eos_token_id=0,
-                                 pad_token_id=0))
+                                 pad_token_id=0, **lm_fields))
         projector = MLPProjector(32, 32)
     gen = torch.Generator().manual_seed(seed + 1)
     _randomize(lm, gen)
@@ -73,11 +74,26 @@ def load_tiny(seed: int = 0) -> MambaVLM:
     return MambaVLM(ViTTower("clip", clip, resize="resize-naive"), projector, lm, tok, SPEC).eval()
 
 
+def load_tiny(seed: int = 0) -> MambaVLM:
+    return _tiny_vlm(seed)
+
+
+#: The Mamba-2 LM of :func:`load_tiny_mamba2`: 4 heads of 16 channels in 2 groups, chunks of 8 tokens (a prompt
+#: spans several chunks), Δ clamped to mamba_ssm's (0, inf) default.
+MAMBA2_FIELDS = dict(layer="Mamba2", headdim=16, ngroups=2, chunk_size=8)
+
+
+def load_tiny_mamba2(seed: int = 0) -> MambaVLM:
+    """The same multimodal model with Mamba-2 layers (``MAMBA2_FIELDS``), random weights drawn the same way."""
+    return _tiny_vlm(seed, **MAMBA2_FIELDS)
+
+
 def describe_tiny(seed: int = 0) -> dict:
     return {"n_layer": N_LAYER, "num_visual": NUM_VISUAL}
 
 
 load_tiny.describe = describe_tiny
+load_tiny_mamba2.describe = describe_tiny
 
 
 def load_tiny_undescribed(seed: int = 0) -> MambaVLM:

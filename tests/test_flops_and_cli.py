@@ -24,7 +24,11 @@ def test_bench_command_prints_the_table(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--quick", "--repeats", "1", "--seq-len", "24", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "prefill speed-up" in printed and "scan speed-up" in printed
+    assert "prefill speed-up" in printed and "scan speed-up" in printed and "Mamba-2 prefill speed-up" in printed
     res = json.loads(out.read_text())
-    assert res["max_logit_diff"] < 1e-4
+    assert res["max_logit_diff"] < 1e-4 and res["mamba2"]["max_logit_diff"] < 1e-4
     assert res["prefill_s"] > 0 and res["scan_reference_ms"] > 0 and res["settings"]["seq_len"] == 24
+    assert res["mamba2"]["prefill_s"] > 0 and res["mamba2"]["transformers_prefill_s"] > 0
+    assert main(["bench", "--quick", "--repeats", "1", "--seq-len", "8", "--no-mamba2", "--no-transformers",
+                 "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["mamba2"] is None and "Mamba-2" not in capsys.readouterr().out

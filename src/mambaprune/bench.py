@@ -4,6 +4,10 @@ Everything is measured side by side in one process, interleaved (engine A, engin
 minimum over the repeats of each is reported together with the ratio, because this class of machine is
 noisy. The fp32 matrix-multiply rate is measured in the same run so that the engine's achieved GFLOP/s can
 be read against it.
+
+A second model, Mamba-2 (``mamba2_*`` settings; mamba2-130m's shape by default: d_model 768, 24 layers, headdim 64,
+d_state 128, ngroups 1), is measured the same way against transformers' ``Mamba2ForCausalLM`` (its PyTorch path,
+the fallback without kernels on a CPU) on the same weights; ``mamba2=False`` skips it.
 """
 from __future__ import annotations
 
@@ -32,6 +36,10 @@ class BenchSettings:
     scan_len: int = 760
     with_transformers: bool = True
     seed: int = 0
+    mamba2: bool = True
+    mamba2_headdim: int = 64
+    mamba2_d_state: int = 128
+    mamba2_ngroups: int = 1
 
 
 @dataclass
@@ -48,6 +56,7 @@ class BenchResult:
     scan_reference_ms: float = 0.0
     scan_speedup: float = 0.0
     times: dict = field(default_factory=dict)
+    mamba2: dict | None = None
 
 
 def _timed(fn) -> float:
@@ -85,7 +94,10 @@ def run_engine_benchmark(s: BenchSettings, progress=None) -> BenchResult:
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(s.threads)
     try:
-        return _run(s, say)
+        res = _run(s, say)
+        if s.mamba2:
+            res.mamba2 = run_mamba2_prefill(s, say)
+        return res
     finally:
         torch.set_num_threads(previous_threads)
 
@@ -142,6 +154,52 @@ def _run(s: BenchSettings, say) -> BenchResult:
     return res
 
 
+def _mamba2_models(s: BenchSettings):
+    """Our Mamba-2 LM and (optionally) transformers' Mamba2ForCausalLM with the same random weights."""
+    torch.manual_seed(s.seed)
+    if not s.with_transformers:
+        return MambaLM(MambaConfig(layer="Mamba2", d_model=s.d_model, n_layer=s.n_layer, vocab_size=s.vocab_size,
+                                   d_state=s.mamba2_d_state, headdim=s.mamba2_headdim, ngroups=s.mamba2_ngroups,
+                                   pad_vocab_size_multiple=1)).eval(), None
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    cfg = Mamba2Config(hidden_size=s.d_model, num_hidden_layers=s.n_layer, vocab_size=s.vocab_size,
+                       num_heads=2 * s.d_model // s.mamba2_headdim, head_dim=s.mamba2_headdim,
+                       state_size=s.mamba2_d_state, n_groups=s.mamba2_ngroups, tie_word_embeddings=True)
+    hf = Mamba2ForCausalLM(cfg).eval()
+    return from_transformers_model(hf), hf
+
+
+def run_mamba2_prefill(s: BenchSettings, say) -> dict:
+    """The Mamba-2 prefill of ``seq_len`` tokens, this engine against transformers, interleaved; the minimum of
+    ``repeats`` each, their ratio, the achieved rate (:func:`mambaprune.flops.lm_macs`, Mamba-2 count) and the
+    largest absolute difference of the last position's logits."""
+    say("Mamba-2: building models")
+    ours, hf = _mamba2_models(s)
+    ids = torch.randint(0, s.vocab_size, (1, s.seq_len), generator=torch.Generator().manual_seed(s.seed))
+    out = {"prefill_s": None, "transformers_prefill_s": None, "prefill_speedup": None, "max_logit_diff": None}
+    ours_t, hf_t = [], []
+    with torch.no_grad():
+        logits = ours(ids).logits                                           # warm-up
+        if hf is not None:
+            ref = hf(ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+            out["max_logit_diff"] = float((logits - ref).abs().max())
+        for r in range(s.repeats):
+            say(f"Mamba-2 prefill repeat {r + 1}/{s.repeats}")
+            ours_t.append(_timed(lambda: ours(ids)))
+            if hf is not None:
+                hf_t.append(_timed(lambda: hf(ids, use_cache=False, logits_to_keep=1)))
+    out["prefill_s"] = min(ours_t)
+    out["prefill_gflops"] = 2 * lm_macs(ours.config, [s.seq_len] * s.n_layer) / out["prefill_s"] / 1e9
+    if hf_t:
+        out["transformers_prefill_s"] = min(hf_t)
+        out["prefill_speedup"] = out["transformers_prefill_s"] / out["prefill_s"]
+    out["times"] = {"ours_prefill_s": ours_t, "transformers_prefill_s": hf_t}
+    return out
+
+
 def format_table(res: BenchResult) -> str:
     """Markdown table of a :class:`BenchResult`."""
     s = res.settings
@@ -159,6 +217,17 @@ def format_table(res: BenchResult) -> str:
     rows.append((f"scan, chunked ({scan})", f"{res.scan_chunked_ms:.1f} ms"))
     rows.append(("scan, sequential reference", f"{res.scan_reference_ms:.1f} ms"))
     rows.append(("**scan speed-up**", f"**{res.scan_speedup:.1f}x**"))
+    m2 = res.mamba2
+    if m2 is not None:
+        shape = (f"headdim {s['mamba2_headdim']}, d_state {s['mamba2_d_state']}, ngroups {s['mamba2_ngroups']}, "
+                 f"same width, depth, vocab and tokens")
+        rows.append((f"Mamba-2 prefill, this engine ({shape})",
+                     f"{m2['prefill_s']:.3f} s ({m2['prefill_gflops']:.1f} GFLOP/s)"))
+        if m2["transformers_prefill_s"] is not None:
+            rows.append(("Mamba-2 prefill, transformers Mamba2ForCausalLM (PyTorch path)",
+                         f"{m2['transformers_prefill_s']:.3f} s"))
+            rows.append(("**Mamba-2 prefill speed-up**", f"**{m2['prefill_speedup']:.2f}x**"))
+            rows.append(("Mamba-2 max abs logit difference", f"{m2['max_logit_diff']:.2e}"))
     head = f"Engine benchmark: {s['threads']} threads, fp32, batch 1, min of {s['repeats']} interleaved repeats\n\n"
     lines = ["| measurement | value |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows]
     return head + "\n".join(lines)

@@ -43,9 +43,11 @@ def _bench(args) -> int:
 
     from .bench import BenchSettings, format_table, run_engine_benchmark
 
-    s = BenchSettings(threads=args.threads, repeats=args.repeats, with_transformers=not args.no_transformers)
+    s = BenchSettings(threads=args.threads, repeats=args.repeats, with_transformers=not args.no_transformers,
+                      mamba2=not args.no_mamba2)
     if args.quick:
         s.d_model, s.n_layer, s.seq_len, s.scan_d_inner, s.scan_len = 128, 4, 96, 256, 96
+        s.mamba2_headdim, s.mamba2_d_state = 32, 16
     if args.seq_len:
         s.seq_len = s.scan_len = args.seq_len
     return _run_benchmark(run_engine_benchmark, s, format_table, args.json)
@@ -228,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seq-len", type=int, default=None, help="prompt and scan length (default 760)")
     b.add_argument("--quick", action="store_true", help="a small model, for a smoke test")
     b.add_argument("--no-transformers", action="store_true", help="skip the transformers comparison")
+    b.add_argument("--no-mamba2", action="store_true", help="skip the Mamba-2 prefill (a mamba2-130m-shaped model)")
     b.add_argument("--json", default=None, help="also write the results to this JSON file")
     b.add_argument("--pruning", action="store_true",
                    help="instead: FLOPs ratio vs prefill-time ratio of the pruning methods, and their own time")

@@ -2,14 +2,38 @@
 
 Convention: multiply-adds ("MACs"). The DTP paper prints these multiply-adds under the name "FLOPs" (2.01 for
 Cobra), and so do this project's tables and ``summary.json`` (``flops``); multiply by 2 for FLOPs in the strict
-sense (one multiply + one add each, DOP's convention).
+sense (one multiply + one add each, DOP's convention). A lone multiply (a decay, a gate) counts as one.
 
-* per token and layer: in_proj ``2*d_model*d_inner``, depthwise conv ``d_conv*d_inner``,
-  x_proj ``d_inner*(dt_rank + 2*d_state)``, dt_proj ``dt_rank*d_inner``, out_proj ``d_inner*d_model``;
+**Mamba-1 layer**, per token:
+
+* in_proj ``2*d_model*d_inner``, depthwise conv ``d_conv*d_inner``, x_proj ``d_inner*(dt_rank + 2*d_state)``,
+  dt_proj ``dt_rank*d_inner``, out_proj ``d_inner*d_model``;
 * the selective scan as the VMamba counter counts it, ``9*d_inner*d_state``, plus ``d_inner`` each for the
-  D skip and the silu(z) gate;
-* norms, activations, softplus and the embedding lookup are not counted; the LM head is counted for the
-  positions whose logits are computed (``d_model * vocab`` each; one position in a prefill).
+  D skip and the silu(z) gate.
+
+**Mamba-2 layer** (mamba_ssm ``modules/mamba2.py``; ``nheads = d_ssm / headdim``, ``d_ssm = d_inner`` unless
+set), per token:
+
+* in_proj ``d_model*(2*d_inner + 2*ngroups*d_state + nheads)`` (the width of lines 95-96: ``z``, ``x`` (with the
+  gated-MLP halves ``z0, x0`` when ``d_ssm < d_inner``), ``B``, ``C`` and one Δ per head);
+* depthwise conv ``d_conv*conv_dim`` over ``conv_dim = d_ssm + 2*ngroups*d_state`` (line 104);
+* the SSD scan counted in its recurrent form, one token at a time (``Mamba2.step``, lines 311-319), per head:
+  the decay ``exp(Δ A)`` (1), ``Δ x`` (headdim), the state update ``h <- exp(Δ A) h + (Δ x) B^T`` (headdim*d_state
+  for the decay's scaling, headdim*d_state multiply-adds for the input term) and
+  the output ``y = h C`` (headdim*d_state): ``3*d_ssm*d_state + d_ssm + nheads`` in all. This is what the
+  recurrence costs; the chunked algorithm a prefill runs (:func:`mambaprune.ssm.ssd.ssd_scan`) does more work
+  inside each chunk (a quadratic intra-chunk term) to use matrix products, an implementation detail that, like
+  the kernel choice of Mamba-1's scan, is not counted. VMamba's ``9*d_inner*d_state`` is a Mamba-1 count
+  (a decay and an input term per channel *and state*); Mamba-2's decay is one scalar per head, hence the
+  smaller constant.
+* the D skip ``d_ssm``, the gates ``d_inner`` (silu(z) on the d_ssm SSM channels, silu(z0) on the gated-MLP
+  channels), out_proj ``d_inner*d_model``.
+
+**Both**: norms (for Mamba-2's gated RMSNorm: the normalisation and its weight; its gate is counted above),
+activations, softplus, the Δ bias and the embedding lookup are not counted; the LM head is counted for the
+positions whose logits are computed (``d_model * vocab`` each; one position in a prefill).
+:func:`layer_macs_breakdown` picks the counting function by the config's ``layer`` kind
+(:data:`LAYER_MACS`).
 
 The vision tower and projector of a multimodal model are not part of this count (the DTP paper's
 convention: its "FLOPs" of Cobra, 2.01 T for ~750 tokens, are these multiply-adds of the LLM alone); they
@@ -24,15 +48,37 @@ from typing import Sequence
 import torch
 
 
-def layer_macs_breakdown(config) -> dict[str, int]:
-    """Multiply-adds of one Mamba layer for one token, per component (see module docstring)."""
+def mamba1_layer_macs(config) -> dict[str, int]:
+    """Multiply-adds of one Mamba-1 layer for one token, per component (see module docstring)."""
     d, di, n, r, k = config.d_model, config.d_inner, config.d_state, config.dt_rank, config.d_conv
     return {"in_proj": 2 * d * di, "conv": k * di, "x_proj": di * (r + 2 * n), "dt_proj": r * di,
             "scan": 9 * di * n, "skip_and_gate": 2 * di, "out_proj": di * d}
 
 
+def mamba2_layer_macs(config) -> dict[str, int]:
+    """Multiply-adds of one Mamba-2 layer for one token, per component (see module docstring)."""
+    d, di, n, k, g = config.d_model, config.d_inner, config.d_state, config.d_conv, config.ngroups
+    d_ssm = di if config.d_ssm is None else config.d_ssm
+    nheads = d_ssm // config.headdim
+    return {"in_proj": d * (2 * di + 2 * g * n + nheads), "conv": k * (d_ssm + 2 * g * n),
+            "scan": 3 * d_ssm * n + d_ssm + nheads, "skip_and_gate": d_ssm + di, "out_proj": di * d}
+
+
+#: The counting function of each layer kind (``MambaConfig.layer``).
+LAYER_MACS = {"Mamba1": mamba1_layer_macs, "Mamba2": mamba2_layer_macs}
+
+
+def layer_macs_breakdown(config) -> dict[str, int]:
+    """Multiply-adds of one layer for one token, per component, for the config's layer kind (``config.layer``,
+    Mamba-1 when the config has none; see module docstring)."""
+    kind = getattr(config, "layer", "Mamba1")
+    if kind not in LAYER_MACS:
+        raise ValueError(f"no FLOPs count for layer kind {kind!r}; known: {', '.join(LAYER_MACS)}")
+    return LAYER_MACS[kind](config)
+
+
 def layer_macs_per_token(config) -> int:
-    """Multiply-adds of one Mamba layer for one token (the sum of :func:`layer_macs_breakdown`)."""
+    """Multiply-adds of one layer for one token (the sum of :func:`layer_macs_breakdown`)."""
     return sum(layer_macs_breakdown(config).values())
 
 

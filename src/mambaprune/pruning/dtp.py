@@ -1,7 +1,9 @@
 """DTP: Delta-guided Two-stage Pruning (seed 000, Section 4).
 
 Token importance (Eq. 6): ``s_j = (1/D) sum_d Δ_{j,d}``, the mean over the d_inner channels of
-Δ = softplus(dt_proj(dt)) of one layer, read in that layer's mixer (``TokenSequence.signals["delta"]``).
+Δ = softplus(dt_proj(dt)) of one layer, read in that layer's mixer (``TokenSequence.signals["delta"]``). In a
+Mamba-2 layer Δ is one value per head, shared by the head's headdim channels, so the same mean over channels is
+the mean over heads (what its mixer reports); the method reads the signal and is the same for both layer kinds.
 
 Two stages, in the terms of the pruning convention of :mod:`mambaprune.pruning.base` (layer ``k`` is the first
 layer that processes a reduced sequence):
