@@ -40,6 +40,21 @@ def model(data):
     return m.eval()
 
 
+def test_mlmamba_preset_is_mamba2_2p7b_with_cobra_tokens():
+    """ML-Mamba's preset: the mamba2-2.7b shape (80 heads of 64, d_state 128, one group), Cobra's 729 + 21 tokens;
+    its per-token layer cost by hand from mamba_ssm's Mamba2 (in_proj 2*5120 + 2*128 + 80 wide, conv over
+    5120 + 256 channels, the recurrent scan 3*d*n + d + heads, D, gate, out_proj)."""
+    shape = PRESETS["mlmamba"]
+    cfg = shape.config
+    assert (cfg.layer, cfg.d_inner, cfg.padded_vocab_size, shape.n_visual, shape.n_text) == \
+        ("Mamba2", 5120, 50288, 729, 21)
+    per_token = (2560 * (2 * 5120 + 2 * 128 + 80) + 4 * (5120 + 256) + (3 * 5120 * 128 + 5120 + 80) + 5120 + 5120
+                 + 5120 * 2560)
+    rows = {r["label"]: r for r in flops_rows(shape, PAPER_SETTINGS)}
+    assert rows["Baseline"]["macs"] == per_token * 750 * 64 + 2560 * 50288
+    assert rows["DTP (r=0.5)"]["ratio"] < rows["DTP (r=0.9)"]["ratio"] < 1.0
+
+
 def test_paper_presets_reproduce_table_1_flops():
     rows = {r["label"]: r for r in flops_rows(PRESETS["cobra"], PAPER_SETTINGS)}
     assert round(rows["Baseline"]["macs"] / 1e12, 2) == 2.01

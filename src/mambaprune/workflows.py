@@ -38,6 +38,9 @@ PRESETS = {
                         "Cobra-3B: mamba-2.8b-zephyr, DINOv2+SigLIP 384 px"),
     "robomamba": ModelShape(MambaConfig(d_model=2560, n_layer=64, vocab_size=50280), 256, 10,
                             "RoboMamba: mamba-2.8b, CLIP 256 tokens"),
+    "mlmamba": ModelShape(MambaConfig(layer="Mamba2", d_model=2560, n_layer=64, vocab_size=50277, d_state=128,
+                                      headdim=64, pad_vocab_size_multiple=16), 729, 21,
+                          "ML-Mamba: mamba2-2.7b, Cobra's DINOv2+SigLIP 384 px and prompt"),
 }
 
 #: The settings of the DTP paper's Tables 1-2 (label, method, params); DTP with its reported layers 15 / 45.
