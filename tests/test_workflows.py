@@ -53,6 +53,8 @@ def test_mlmamba_preset_is_mamba2_2p7b_with_cobra_tokens():
     rows = {r["label"]: r for r in flops_rows(shape, PAPER_SETTINGS)}
     assert rows["Baseline"]["macs"] == per_token * 750 * 64 + 2560 * 50288
     assert rows["DTP (r=0.5)"]["ratio"] < rows["DTP (r=0.9)"]["ratio"] < 1.0
+    for name in PRESETS:                                     # the CLI offers every preset
+        assert main(["flops", "--preset", name]) == 0
 
 
 def test_paper_presets_reproduce_table_1_flops():

@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=_demo)
 
     f = sub.add_parser("flops", help="LM FLOPs of pruning settings (multiply-adds, the DTP paper's convention)")
-    f.add_argument("--preset", choices=["cobra", "robomamba"], default=None,
+    f.add_argument("--preset", choices=["cobra", "mlmamba", "robomamba"], default=None,   # workflows.PRESETS
                    help="a released model's shape (no weights needed); without --method: the paper's Table 1 rows")
     _model_arguments(f)
     f.add_argument("--method", default=None, help="a pruning method (see `mambaprune eval --help`)")
