@@ -11,7 +11,8 @@ from conftest import randomize_
 from mambaprune import MambaConfig, MambaLM
 from mambaprune.models.checkpoints import CheckpointError, from_transformers_model, load_mamba_lm, save_mamba_lm
 from mambaprune.pruning import build
-from mambaprune.ssm.ssd import segsum, ssd_scan, ssd_scan_reference, ssd_state_update, time_step
+from mambaprune.ssm.ssd import (CPU_CHUNK_SIZE, prefill_chunk_size, segsum, ssd_scan, ssd_scan_reference,
+                                ssd_state_update, time_step)
 from test_mamba_lm import _drop_positions_hook, _left_pad, _run_by_hand
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -396,6 +397,32 @@ def test_signals_by_hand_from_in_proj():
     torch.testing.assert_close(seen[0]["B"], B.mean(-1), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(seen[0]["C"], C.mean(-1), rtol=1e-5, atol=1e-6)
     assert seen[0]["y"].shape == (2, 9)
+
+
+def test_released_chunk_is_capped_on_a_cpu_without_changing_the_result(monkeypatch):
+    """A layer's prefill on a CPU runs the SSD scan with chunks of at most CPU_CHUNK_SIZE (the config's 256 is a
+    GPU tiling choice), and the scan at 64 equals the scan at 256 to fp32 rounding on L = 150."""
+    import mambaprune.models.mamba2 as mamba2_module
+
+    assert CPU_CHUNK_SIZE == 64
+    assert prefill_chunk_size(256, torch.device("cpu")) == 64 and prefill_chunk_size(32, torch.device("cpu")) == 32
+    assert prefill_chunk_size(256, torch.device("cuda")) == 256
+    torch.manual_seed(0)
+    lm = MambaLM(MambaConfig(layer="Mamba2", d_model=32, n_layer=2, vocab_size=64, d_state=8, headdim=8,
+                             chunk_size=256))
+    seen = []
+
+    def spy(*args, **kw):
+        seen.append(args[5])
+        return ssd_scan(*args, **kw)
+    monkeypatch.setattr(mamba2_module, "ssd_scan", spy)
+    with torch.no_grad():
+        lm(torch.randint(0, 64, (1, 150)))
+    assert seen == [64, 64]
+    x = torch.randn(1, 150, 4, 8)
+    dt, A = torch.rand(1, 150, 4), -torch.rand(4) * 3
+    B, C = torch.randn(1, 150, 1, 8), torch.randn(1, 150, 1, 8)
+    torch.testing.assert_close(ssd_scan(x, dt, A, B, C, 64), ssd_scan(x, dt, A, B, C, 256), rtol=1e-4, atol=1e-5)
 
 
 def test_config_validation():

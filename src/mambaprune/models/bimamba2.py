@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ssm.conv import causal_conv1d
-from ..ssm.ssd import ssd_scan
+from ..ssm.ssd import prefill_chunk_size, ssd_scan
 from .checkpoints import CheckpointError, layer_count, load_state_checked, mamba2_config_from_mixer
 from .mamba2 import Mamba2Mixer
 from .mamba_lm import MambaConfig
@@ -82,7 +82,8 @@ class BiMamba2Mixer(Mamba2Mixer):
         A = -torch.exp(getattr(self, "A_log" + suffix).float())
         y = ssd_scan(x.unflatten(-1, (self.nheads, self.headdim)), dt, A,
                      B.unflatten(-1, (self.ngroups, self.d_state)), C.unflatten(-1, (self.ngroups, self.d_state)),
-                     self.chunk_size, D=D.view(self.nheads, self.headdim) if self.D_has_hdim else D,
+                     prefill_chunk_size(self.chunk_size, x.device),
+                     D=D.view(self.nheads, self.headdim) if self.D_has_hdim else D,
                      dt_bias=getattr(self, "dt_bias" + suffix), dt_softplus=True, dt_limit=self.dt_limit)
         return self.norm(y.flatten(-2).to(z.dtype), z)
 

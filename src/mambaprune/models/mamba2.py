@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..ssm.conv import causal_conv1d, causal_conv1d_final_state, causal_conv1d_update
-from ..ssm.ssd import ssd_scan, ssd_state_update, time_step
+from ..ssm.ssd import prefill_chunk_size, ssd_scan, ssd_state_update, time_step
 
 
 class RMSNormGated(nn.Module):
@@ -166,10 +166,12 @@ class Mamba2Mixer(nn.Module):
         heads (every head has headdim channels, so this is the mean over the d_ssm channels, DTP Eq. 6), ``B`` /
         ``C`` averaged over groups and d_state, ``y`` = the mean over channels of the SSD output plus ``D x``,
         before the gated norm. ``cache`` (a ``MambaCache``) receives the conv state (batch, conv_dim, d_conv) and
-        the fp32 SSM state (batch, nheads, headdim, d_state).
+        the SSM state (batch, nheads, headdim, d_state) in ``cache.state_dtype``. The scan's chunk is
+        :func:`~mambaprune.ssm.ssd.prefill_chunk_size` of the config's.
         """
         inp = self.ssd_inputs(x, mask)
-        y, last_state = ssd_scan(inp.x, inp.delta, inp.A, inp.B, inp.C, self.chunk_size, D=self._skip(),
+        chunk = prefill_chunk_size(self.chunk_size, inp.x.device)
+        y, last_state = ssd_scan(inp.x, inp.delta, inp.A, inp.B, inp.C, chunk, D=self._skip(),
                                  return_final_states=True)                       # (b, L, nheads, headdim) fp32
         signals = {}
         if want_signals:

@@ -393,8 +393,8 @@ class MambaLM(nn.Module):
 
     Options, attributes that may be set at any time:
 
-    * ``scan_method``: the selective scan every layer runs (:func:`mambaprune.ssm.scan_layer`'s ``method``),
-      default ``"chunked"``.
+    * ``scan_method``: the selective scan every Mamba (v1) layer runs (:func:`mambaprune.ssm.scan_layer`'s
+      ``method``), default ``"auto"`` (chunked on a CPU; on CUDA Triton, else parallel).
     * ``state_dtype``: the dtype the SSM states are kept in for decoding. None (default): the model's dtype,
       as every released decoding path keeps them (mamba_ssm ``Mamba.allocate_inference_cache`` and
       ``_get_states_from_cache``, modules/mamba_simple.py l.255-294, which the CUDA-graph cache of
