@@ -14,6 +14,10 @@ Run it as one script on a machine with one GPU (it finishes well within 5 minute
    is divided by the FLOPs ratio (1.0 means time falls exactly as FLOPs do; the DTP paper's own is
    0.63 / 0.48 = 1.31). Decoding is replayed from a CUDA graph (``MambaLM.cuda_graph``, the default); one more
    row per path decodes step by step without it, and must give the same tokens.
+3. **Mamba-2.** A random model of mamba2-2.7b's size (64 layers, d_model 2560, 80 heads of 64, d_state 128,
+   chunk 256) in bf16, 729 + 30 tokens: this engine's prefill (unpruned and DTP 0.5) and decode against
+   transformers' ``Mamba2ForCausalLM`` on the same weights (its PyTorch path unless mamba_ssm's kernels are
+   installed; the table says which), with the largest logit difference.
 
 ``--dry-run`` runs the same code on tiny dimensions on the CPU (Triton under ``TRITON_INTERPRET=1``); CI runs
 it. A check that fails (a path off the reference, a required path that does not run, CUDA-graph decoding that
@@ -29,9 +33,11 @@ import time
 from dataclasses import dataclass
 
 FULL = dict(d_model=2560, n_layer=64, vocab_size=50280, n_visual=729, n_text=30, d_state=16,
-            early_layer=15, late_layer=45, decode_tokens=32, repeats=5)
+            early_layer=15, late_layer=45, decode_tokens=32, repeats=5, mamba2_headdim=64, mamba2_d_state=128,
+            mamba2_chunk=256)
 DRY = dict(d_model=32, n_layer=8, vocab_size=256, n_visual=24, n_text=7, d_state=5,
-           early_layer=2, late_layer=6, decode_tokens=4, repeats=1)
+           early_layer=2, late_layer=6, decode_tokens=4, repeats=1, mamba2_headdim=8, mamba2_d_state=8,
+           mamba2_chunk=16)
 #: paths tried, in this order; one that cannot run on the device is reported as such and skipped
 PATHS = ("chunked", "parallel", "triton", "mamba_ssm")
 #: paths that must run (on the GPU, and on the CPU in the dry run); mamba_ssm is optional
@@ -52,6 +58,9 @@ class Dims:
     late_layer: int
     decode_tokens: int
     repeats: int
+    mamba2_headdim: int
+    mamba2_d_state: int
+    mamba2_chunk: int
 
 
 def parse_args(argv=None):
@@ -60,6 +69,7 @@ def parse_args(argv=None):
     p.add_argument("--dry-run", action="store_true", help="tiny dimensions on the CPU (what CI runs)")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated scan paths (default {','.join(PATHS)})")
     p.add_argument("--repeats", type=int, default=None, help="timed repeats per measurement (default 5; dry run 1)")
+    p.add_argument("--no-mamba2", action="store_true", help="skip part 3 (the mamba2-2.7b-size model)")
     p.add_argument("--json", default=None, help="write every figure to this JSON file")
     p.add_argument("--md", default=None, help="write the tables to this Markdown file")
     return p.parse_args(argv)
@@ -92,6 +102,8 @@ def main(argv=None) -> int:
     report["scan"] = check_scan_paths(dims, device, paths, failures)
     report["state_update"] = check_state_updates(dims, device, paths, failures)
     report["model"] = run_model(dims, device, paths, failures)
+    if not args.no_mamba2:
+        report["mamba2"] = run_mamba2(dims, device, failures)
     report["seconds"] = time.perf_counter() - t0
     report["failures"] = failures
     text = format_report(report)
@@ -329,6 +341,57 @@ def measure(model, ids, is_visual, pruner, dims: Dims, device) -> dict:
     return row
 
 
+# ---------------------------------------------------------------------------------------------------- 3. Mamba-2
+def run_mamba2(dims: Dims, device, failures) -> dict:
+    """This engine against transformers' Mamba2ForCausalLM, same random weights, bf16, on ``device``."""
+    import torch
+    from transformers import Mamba2Config, Mamba2ForCausalLM
+    from transformers.models.mamba2 import modeling_mamba2
+    from transformers.utils import logging
+
+    from mambaprune.flops import lm_macs
+    from mambaprune.models.checkpoints import from_transformers_model
+    from mambaprune.pruning.registry import build
+
+    logging.set_verbosity_error()
+    torch.manual_seed(0)
+    hf_cfg = Mamba2Config(hidden_size=dims.d_model, num_hidden_layers=dims.n_layer, vocab_size=dims.vocab_size,
+                          num_heads=2 * dims.d_model // dims.mamba2_headdim, head_dim=dims.mamba2_headdim,
+                          state_size=dims.mamba2_d_state, n_groups=1, chunk_size=dims.mamba2_chunk,
+                          tie_word_embeddings=True)
+    with torch.device(device):
+        hf = Mamba2ForCausalLM(hf_cfg).eval()
+        ours = from_transformers_model(hf)
+    hf, ours = hf.to(torch.bfloat16), ours.to(torch.bfloat16)
+    L = dims.n_visual + dims.n_text
+    ids = torch.randint(0, dims.vocab_size, (1, L), generator=torch.Generator().manual_seed(0)).to(device)
+    is_visual = torch.zeros(1, L, dtype=torch.bool, device=device)
+    is_visual[:, :dims.n_visual] = True
+    with torch.no_grad():
+        hf_s, hf_out = timed(lambda: hf(ids, use_cache=False, logits_to_keep=1).logits[:, -1], device, dims.repeats)
+        ours_s, ours_out = timed(lambda: ours(ids, is_visual=is_visual).logits, device, dims.repeats)
+    report = dict(transformers_path="cuda kernels" if getattr(modeling_mamba2, "is_fast_path_available", False)
+                  and device.type == "cuda" else "pytorch",
+                  transformers_ms_prefill=hf_s * 1e3, ms_prefill=ours_s * 1e3, speedup=hf_s / ours_s,
+                  max_logit_diff=float((hf_out.float() - ours_out.float()).abs().max()),
+                  max_logit=float(hf_out.float().abs().max()))
+    for name, pruner in (("none", build("none")), ("dtp", build("dtp", keep_ratio=0.5, early_layer=dims.early_layer,
+                                                                late_layer=dims.late_layer))):
+        try:
+            row = measure(ours, ids, is_visual, pruner, dims, device)
+        except Exception as e:
+            failures.append(f"Mamba-2 {name} did not run: {why_not(e)}")
+            continue
+        row["flops"] = lm_macs(ours.config, row.pop("tokens_per_layer"))
+        row.pop("tokens")
+        report[name] = row
+    if "none" in report and "dtp" in report:
+        report["dtp"]["flops_ratio"] = report["dtp"]["flops"] / report["none"]["flops"]
+        report["dtp"]["time_ratio"] = report["dtp"]["ms_prefill"] / report["none"]["ms_prefill"]
+    del hf, ours
+    return report
+
+
 # ---------------------------------------------------------------------------------------------------- report
 def format_report(report: dict) -> str:
     d = report["dims"]
@@ -366,6 +429,22 @@ def format_report(report: dict) -> str:
                   if "flops_ratio" in r else " | | ")
         same = {True: "yes", False: "no"}.get(r.get("same_tokens_as_first_path"), "")
         out.append(f"| {r['path']} | {r['method']} | {r['ms_prefill']:.1f} | {dec} | {peak} | {ratios} | {same} |")
+    m2 = report.get("mamba2")
+    if m2:
+        out += ["", f"Mamba-2: {d['n_layer']} layers, d_model {d['d_model']}, heads of {d['mamba2_headdim']}, "
+                f"d_state {d['mamba2_d_state']}, chunk {d['mamba2_chunk']}, bf16, {d['n_visual']} + {d['n_text']} "
+                f"tokens; transformers' Mamba2ForCausalLM ran its {m2['transformers_path']} path.", "",
+                "| measurement | value |", "|---|---|",
+                f"| prefill, transformers | {m2['transformers_ms_prefill']:.1f} ms |",
+                f"| prefill, this engine | {m2['ms_prefill']:.1f} ms ({m2['speedup']:.2f}x) |",
+                f"| max logit difference (largest logit) | {m2['max_logit_diff']:.3g} ({m2['max_logit']:.3g}) |"]
+        for name in ("none", "dtp"):
+            if name in m2:
+                r = m2[name]
+                dec = "" if r["ms_decode_per_token"] is None else f", decode {r['ms_decode_per_token']:.2f} ms/token"
+                extra = (f", FLOPs ratio {r['flops_ratio']:.3f}, time ratio {r['time_ratio']:.3f}"
+                         if "flops_ratio" in r else "")
+                out.append(f"| generate, {name} | prefill {r['ms_prefill']:.1f} ms{dec}{extra} |")
     out += ["", f"{report['seconds']:.0f} s in all; {len(report['failures'])} failed check(s)."]
     return "\n".join(out)
 

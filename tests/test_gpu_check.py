@@ -24,4 +24,7 @@ def test_gpu_check_dry_run(tmp_path):
         none, dtp = model[(path, "none")], model[(path, "dtp")]
         assert none["flops_ratio"] == 1.0 and 0.0 < dtp["flops_ratio"] < 1.0
         assert dtp["flops"] < none["flops"] and none["ms_prefill"] > 0 and dtp["ms_decode_per_token"] > 0
+    m2 = report["mamba2"]                                    # part 3: Mamba-2 against transformers, same weights
+    assert m2["transformers_path"] == "pytorch" and m2["max_logit_diff"] < 0.05 * m2["max_logit"]
+    assert 0.0 < m2["dtp"]["flops_ratio"] < 1.0 and m2["none"]["ms_decode_per_token"] > 0
     assert "| triton | dtp |" in (tmp_path / "check.md").read_text()
