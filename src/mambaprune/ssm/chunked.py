@@ -4,9 +4,10 @@ Why it is fast. The reference materialises ``exp(delta*A)`` and ``delta*B*u`` fo
 ((batch, d_inner, L, d_state) floats, ~75 MB for d_inner 1536 and L 760) and walks over them with strided
 slices, so it is bound by memory traffic and per-step overhead. Here the sequence is cut into chunks of
 ``T`` steps; for one chunk the discretised tensors are built in preallocated, contiguous
-(T, batch, d_state, d_inner) buffers that stay in the CPU cache, the recurrence runs over them with one
-fused ``addcmul`` per step (into a state buffer), and the chunk's outputs come from one batched matmul
-with C. Nothing of size (..., L, d_state) is ever allocated.
+(T, batch, d_state, d_inner) buffers (three multi-threaded calls for the whole chunk), the recurrence runs
+over them in place with a single ``torch._foreach_addcmul_`` call (see :func:`_recurrence`), and the chunk's
+outputs come from one batched matmul with C. The loop makes five PyTorch calls per chunk and nothing of size
+(..., L, d_state) is ever allocated.
 
 Why it is safe. The recurrence is evaluated exactly as the reference does: the only exponent is
 ``exp(delta_t * A) <= 1`` for each step (delta >= 0, A <= 0); there is no cumulative sum of log-decays and no
@@ -23,15 +24,50 @@ from __future__ import annotations
 
 import torch
 
-#: Target number of elements of one (T, batch, d_state, d_inner) chunk buffer: about 1 MB in fp32, which
-#: gives T = 10 at d_inner 1536, d_state 16 (the fastest of 2^17..2^21 measured on a 2-core AVX-512 CPU).
-_CHUNK_ELEMENTS = 1 << 18
+#: Target number of elements of one (T, batch, d_state, d_inner) chunk buffer (fp32: 2 MB), which gives
+#: T = 21 at d_inner 1536, d_state 16. Measured in the 130M-sized prefill on a 2-core AVX-512 CPU: chunks of
+#: 16 to 32 steps were within noise of each other, 8 steps about 5% slower (more calls per step).
+_CHUNK_ELEMENTS = 1 << 19
 _LOG2E = 1.4426950408889634
 
 
 def chunk_length(batch: int, d_inner: int, d_state: int) -> int:
     """Chunk length T such that one chunk buffer holds about ``_CHUNK_ELEMENTS`` values (4 <= T <= 64)."""
     return max(4, min(64, _CHUNK_ELEMENTS // max(1, batch * d_inner * d_state)))
+
+
+def _foreach_runs_in_order() -> bool:
+    """Whether ``torch._foreach_addcmul_`` on CPU applies its list elements one after the other, so that an
+    element may read the result of the previous one.
+
+    That is how ATen's CPU path is written (``foreach_tensor_addcmul_scalar_slow_`` in
+    ``aten/src/ATen/native/ForeachOpsKernels.cpp`` loops ``input[i].addcmul_(tensors1[i], tensors2[i])``).
+    It is checked once, on a three-step recurrence; should a PyTorch version change it (or refuse lists
+    that overlap), the scan falls back to one ``addcmul_`` call per step (the same values, slower).
+    """
+    h = torch.ones(3, 1)
+    steps = list(h.unbind(0))
+    two = torch.full((1,), 2.0)
+    try:
+        torch._foreach_addcmul_(steps[1:], [two, two], steps[:-1])
+    except (RuntimeError, AttributeError):
+        return False
+    return h.flatten().tolist() == [1.0, 3.0, 7.0]
+
+
+_FOREACH_IN_ORDER = _foreach_runs_in_order()
+
+
+def _recurrence(states, decays, previous):
+    """In place and in list order: ``states[i] += decays[i] * previous[i]``, where ``previous[i]`` is
+    ``states[i - 1]`` (already updated) for ``i > 0``; one PyTorch call for the whole list."""
+    if not states:
+        return
+    if _FOREACH_IN_ORDER:
+        torch._foreach_addcmul_(states, decays, previous)
+    else:
+        for s, a, p in zip(states, decays, previous):
+            s.addcmul_(a, p)
 
 
 def _time_major(u, delta, A, B, C):
@@ -50,52 +86,65 @@ def _time_major(u, delta, A, B, C):
     return delta_t, du_t, B_t, C_t, A_t, A_t * _LOG2E
 
 
-def _discretise(delta_t, du_t, B_t, A2_t, s, e, dA, dBu):
-    """Fill dA[:m] = exp(delta*A) and dBu[:m] = delta*u*B for time steps s..e-1 (layout (m, b, n, d)).
+class _Chunks:
+    """Per-chunk views of the time-major inputs (made once, so the loops index lists instead of slicing)
+    and the chunk buffers: ``dA`` (one buffer) and ``hs`` (two, used alternately by consecutive chunks, so
+    the last state of a chunk stays intact while the next chunk is computed in the other buffer)."""
 
-    ``A2_t`` is A^T log2(e) (n, d); the exponent is taken as exp2 of ``delta * A2_t``.
-    """
-    m = e - s
-    torch.mul(delta_t[s:e], A2_t, out=dA[:m])
-    torch.exp2(dA[:m], out=dA[:m])
-    torch.mul(du_t[s:e], B_t[s:e].unsqueeze(-1), out=dBu[:m])
+    def __init__(self, tm, T, n_hs=2):
+        delta_t, du_t, B_t, C_t = tm[:4]
+        L, b, _, d = delta_t.shape
+        n = B_t.shape[-1]
+        self.T, self.L, self.b, self.n, self.d = T, L, b, n, d
+        self.starts = list(range(0, L, T))
+        self.delta = delta_t.split(T)
+        self.du = du_t.split(T)
+        self.B = B_t.unsqueeze(-1).split(T)                       # (m, b, n, 1)
+        self.C_row = C_t.view(L * b, 1, n).split(T * b)           # (m b, 1, n)
+        self.C_col = C_t.view(L * b, n, 1).split(T * b)           # (m b, n, 1)
+        self.dA = delta_t.new_empty(T, b, n, d)
+        self.dA_steps = list(self.dA.unbind(0))
+        self.hs = [delta_t.new_empty(T, b, n, d) for _ in range(n_hs)]
+        self.hs_steps = [list(x.unbind(0)) for x in self.hs]
 
+    def discretise(self, k, A2_t, dA, hs):
+        """Fill dA[:m] = exp(delta*A) and hs[:m] = delta*u*B for the m steps of chunk k (layout (m, b, n, d));
+        ``A2_t`` is A^T log2(e) (n, d), the exponent is taken as exp2 of ``delta * A2_t``."""
+        m = self.delta[k].shape[0]
+        a = dA if m == self.T else dA[:m]
+        torch.mul(self.delta[k], A2_t, out=a)
+        torch.exp2(a, out=a)
+        torch.mul(self.du[k], self.B[k], out=hs if m == self.T else hs[:m])
+        return m
 
-def _run_chunk(h, dA_steps, dBu_steps, hs_steps, m):
-    """The recurrence over one chunk: hs[t] = dA[t] * h_{t-1} + dBu[t]. Returns the last state (a view)."""
-    for t in range(m):
-        torch.addcmul(dBu_steps[t], dA_steps[t], h, out=hs_steps[t])
-        h = hs_steps[t]
-    return h
-
-
-def _buffers(T, b, n, d, like):
-    bufs = [like.new_empty(T, b, n, d) for _ in range(3)]
-    return bufs, [list(x.unbind(0)) for x in bufs]
+    def states(self, k, h, A2_t):
+        """The states of chunk k, in its ``hs`` buffer, from the state ``h`` before it. Returns (m, hs, steps)."""
+        hs, steps = self.hs[k % len(self.hs)], self.hs_steps[k % len(self.hs)]
+        m = self.discretise(k, A2_t, self.dA, hs)
+        _recurrence(steps[:m], self.dA_steps[:m], [h] + steps[:m - 1])
+        return m, hs, steps
 
 
 def scan_forward(u, delta, A, B, C, save_chunk_states=False, initial_state=None):
     """y (b, L, d) and last state (b, d, n) of the recurrence, all fp32, from u, delta (b, L, d) and
-    B, C (b, L, n); optionally also the chunk-start states. ``initial_state`` (b, d, n): h_0 (zeros if None)."""
+    B, C (b, L, n); optionally also the chunk-start states (a list of (b, n, d) tensors).
+    ``initial_state`` (b, d, n): h_0 (zeros if None)."""
     b, L, d = u.shape
     n = A.shape[1]
-    T = chunk_length(b, d, n)
-    delta_t, du_t, B_t, C_t, _, A2_t = _time_major(u, delta, A, B, C)
-    (dA, dBu, hs), (dA_s, dBu_s, hs_s) = _buffers(T, b, n, d, u)
+    tm = _time_major(u, delta, A, B, C)
+    A2_t = tm[5]
+    ch = _Chunks(tm, min(L, chunk_length(b, d, n)))
     y = u.new_empty(L, b, d)
+    y_chunks = y.view(L * b, 1, d).split(ch.T * b)
     h = u.new_zeros(b, n, d) if initial_state is None else initial_state.float().transpose(1, 2).contiguous()
     starts = []
-    for s in range(0, L, T):
-        e = min(s + T, L)
-        m = e - s
+    for k in range(len(ch.starts)):
         if save_chunk_states:
             starts.append(h.clone())
-        _discretise(delta_t, du_t, B_t, A2_t, s, e, dA, dBu)
-        h = _run_chunk(h, dA_s, dBu_s, hs_s, m)
+        m, hs, steps = ch.states(k, h, A2_t)
+        h = steps[m - 1]
         # y[t, b, :] = C_t[b, :] @ h_t[b, :, :]
-        torch.bmm(C_t[s:e].reshape(m * b, 1, n), hs[:m].view(m * b, n, d), out=y[s:e].view(m * b, 1, d))
-        if e < L:  # the next chunk overwrites hs[0]; keep the carried state out of its way
-            h = h.clone()
+        torch.bmm(ch.C_row[k], hs[:m].view(m * b, n, d), out=y_chunks[k])
     last = h.transpose(1, 2).contiguous()
     return y.transpose(0, 1), last, starts
 
@@ -105,39 +154,51 @@ def scan_backward(grad_y, grad_last, u, delta, A, B, C, starts):
     same (b, L, .) layouts as :func:`scan_forward`."""
     b, L, d = u.shape
     n = A.shape[1]
-    T = chunk_length(b, d, n)
-    delta_t, du_t, B_t, C_t, A_t, A2_t = _time_major(u, delta, A, B, C)
+    tm = _time_major(u, delta, A, B, C)
+    delta_t, du_t, B_t, _, A_t, A2_t = tm
+    ch = _Chunks(tm, min(L, chunk_length(b, d, n)), n_hs=1)
+    T = ch.T
     g_t = grad_y.float().transpose(0, 1).contiguous()                     # (L, b, d)
-    (dA, dBu, hs), (dA_s, dBu_s, hs_s) = _buffers(T, b, n, d, u)
-    lam_buf = u.new_empty(T, b, n, d)
-    lam_s = list(lam_buf.unbind(0))
+    g_chunks = g_t.split(T)
+    # the adjoint states and the decays of two consecutive chunks are kept: lam_{t+1} and a_{t+1} of the
+    # first step of the chunk after this one are needed by its last step
+    lam_pair = [u.new_empty(T, b, n, d) for _ in range(2)]
+    lam_lists = [list(x.unbind(0)) for x in lam_pair]
+    dA_pair = [ch.dA, u.new_empty(T, b, n, d)]
+    dA_lists = [ch.dA_steps, list(dA_pair[1].unbind(0))]
     g_du = u.new_empty(L, b, d)
     g_delta_a = u.new_empty(L, b, d)
     gB = u.new_empty(L, b, n)
     gC = u.new_empty(L, b, n)
     gA_t = u.new_zeros(n, d)
-    lam = u.new_zeros(b, n, d) if grad_last is None else grad_last.float().transpose(1, 2).contiguous()
-    a_next = None                                                          # a_{t+1} for the last step of a chunk
-    chunk_starts = list(range(0, L, T))
-    for k in reversed(range(len(chunk_starts))):
-        s = chunk_starts[k]
-        e = min(s + T, L)
-        m = e - s
-        _discretise(delta_t, du_t, B_t, A2_t, s, e, dA, dBu)
-        _run_chunk(starts[k], dA_s, dBu_s, hs_s, m)
-        # Cg[t] = C_t (x) g_t, written into lam_buf, then the adjoint recurrence runs in place backwards.
-        torch.bmm(C_t[s:e].reshape(m * b, n, 1), g_t[s:e].reshape(m * b, 1, d), out=lam_buf[:m].view(m * b, n, d))
-        for t in reversed(range(m)):
-            if a_next is not None:
-                lam_s[t].addcmul_(a_next, lam)
-            elif t == m - 1 and grad_last is not None:
-                lam_s[t].add_(lam)
-            lam = lam_s[t]
-            a_next = dA_s[t]
+    last = None if grad_last is None else grad_last.float().transpose(1, 2).contiguous()
+    lam = a_next = None                                                    # lam_{t+1}, a_{t+1} after a chunk
+    for k in reversed(range(len(ch.starts))):
+        s = ch.starts[k]
+        dA, dA_s = dA_pair[k % 2], dA_lists[k % 2]
+        lam_buf, lam_s = lam_pair[k % 2], lam_lists[k % 2]
+        hs, hs_s = ch.hs[0], ch.hs_steps[0]
+        m = ch.discretise(k, A2_t, dA, hs)
+        e = s + m
+        _recurrence(hs_s[:m], dA_s[:m], [starts[k]] + hs_s[:m - 1])
+        g = g_chunks[k]
+        # Cg[t] = C_t (x) g_t, written into lam_buf, then the adjoint recurrence runs in place backwards:
+        # lam_t += a_{t+1} lam_{t+1}.
+        torch.bmm(ch.C_col[k], g.reshape(m * b, 1, d), out=lam_buf[:m].view(m * b, n, d))
+        back = list(reversed(range(m)))
+        if lam is None:                                                    # the last chunk in time
+            if last is not None:
+                lam_s[m - 1].add_(last)
+            _recurrence([lam_s[t] for t in back[1:]], [dA_s[t + 1] for t in back[1:]],
+                        [lam_s[t + 1] for t in back[1:]])
+        else:
+            _recurrence([lam_s[t] for t in back], [a_next] + [dA_s[t + 1] for t in back[1:]],
+                        [lam] + [lam_s[t + 1] for t in back[1:]])
+        lam, a_next = lam_s[0], dA_s[0]
         lam_c = lam_buf[:m]
         h_c = hs[:m]
         # dC_t[b, n] = sum_d h_t[b, n, d] g_t[b, d]
-        torch.bmm(h_c.view(m * b, n, d), g_t[s:e].reshape(m * b, d, 1), out=gC[s:e].view(m * b, n, 1))
+        torch.bmm(h_c.view(m * b, n, d), g.reshape(m * b, d, 1), out=gC[s:e].view(m * b, n, 1))
         # through dBu = (delta*u) B:  g_du[t, b, d] = sum_n lam B ;  gB[t, b, n] = sum_d lam (delta*u)
         torch.bmm(B_t[s:e].reshape(m * b, 1, n), lam_c.view(m * b, n, d), out=g_du[s:e].view(m * b, 1, d))
         torch.bmm(lam_c.view(m * b, n, d), du_t[s:e].reshape(m * b, d, 1), out=gB[s:e].view(m * b, n, 1))
@@ -149,8 +210,6 @@ def scan_backward(grad_y, grad_last, u, delta, A, B, C, starts):
         P = h_prev.mul_(lam_c).mul_(dA[:m])
         g_delta_a[s:e] = (P * A_t).sum(2)
         gA_t += (P * delta_t[s:e]).sum((0, 1))
-        lam = lam.clone()
-        a_next = a_next.clone()
     g_du = g_du.transpose(0, 1)
     grad_u = g_du * delta
     grad_delta = g_delta_a.transpose(0, 1) + g_du * u
@@ -162,10 +221,8 @@ class _ChunkedScan(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C):
-        needs_grad = any(ctx.needs_input_grad)
-        y, last, starts = scan_forward(u, delta, A, B, C, save_chunk_states=needs_grad)
-        if needs_grad:
-            ctx.save_for_backward(u, delta, A, B, C, *starts)
+        y, last, starts = scan_forward(u, delta, A, B, C, save_chunk_states=True)
+        ctx.save_for_backward(u, delta, A, B, C, *starts)
         return y, last
 
     @staticmethod
