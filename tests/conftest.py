@@ -2,8 +2,10 @@
 import math
 import os
 
-# No test runs on a GPU: the Triton kernels (mambaprune.ssm.triton_scan) run through Triton's interpreter, which
-# Triton only offers when the variable is set before triton is first imported (transformers imports it).
+# The Triton kernels (mambaprune.ssm.triton_scan) are tested on CPU tensors through Triton's interpreter, which
+# Triton only offers when the variable is set before triton is first imported (transformers imports it). On a GPU
+# machine "auto" then takes the "parallel" scan (interpreted kernels are never auto-selected); the compiled
+# kernels on a GPU are checked by benchmarks/gpu_check.py.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
