@@ -102,6 +102,23 @@ def run_engine_benchmark(s: BenchSettings, progress=None) -> BenchResult:
         torch.set_num_threads(previous_threads)
 
 
+def _prefill_side_by_side(ours, hf, ids, repeats: int, say, label: str = ""):
+    """Prefill ``ids`` with this engine and (when given) transformers' model, interleaved, after one warm-up each:
+    (our times, transformers' times, the largest absolute difference of the last position's logits or None)."""
+    ours_t, hf_t, diff = [], [], None
+    with torch.no_grad():
+        logits = ours(ids).logits                                                  # warm-up
+        if hf is not None:
+            ref = hf(ids, use_cache=False, logits_to_keep=1).logits[:, -1]
+            diff = float((logits - ref).abs().max())
+        for r in range(repeats):
+            say(f"{label}prefill repeat {r + 1}/{repeats}")
+            ours_t.append(_timed(lambda: ours(ids)))
+            if hf is not None:
+                hf_t.append(_timed(lambda: hf(ids, use_cache=False, logits_to_keep=1)))
+    return ours_t, hf_t, diff
+
+
 def _run(s: BenchSettings, say) -> BenchResult:
     res = BenchResult(settings=asdict(s))
     say("matmul rate")
@@ -109,17 +126,8 @@ def _run(s: BenchSettings, say) -> BenchResult:
     say("building models")
     ours, hf = _models(s)
     ids = torch.randint(0, s.vocab_size, (1, s.seq_len), generator=torch.Generator().manual_seed(s.seed))
-    ours_t, hf_t = [], []
+    ours_t, hf_t, res.max_logit_diff = _prefill_side_by_side(ours, hf, ids, s.repeats, say)
     with torch.no_grad():
-        out = ours(ids)  # warm-up
-        if hf is not None:
-            ref = hf(ids, use_cache=False, logits_to_keep=1).logits[:, -1]
-            res.max_logit_diff = float((out.logits - ref).abs().max())
-        for r in range(s.repeats):
-            say(f"prefill repeat {r + 1}/{s.repeats}")
-            ours_t.append(_timed(lambda: ours(ids)))
-            if hf is not None:
-                hf_t.append(_timed(lambda: hf(ids, use_cache=False, logits_to_keep=1)))
         say("decode")
         gen_tokens = 16
         prefill = ours(ids, use_cache=True)
@@ -143,10 +151,10 @@ def _run(s: BenchSettings, say) -> BenchResult:
             -torch.rand(d, n, generator=g) * 4, torch.randn(1, n, L, generator=g), torch.randn(1, n, L, generator=g))
     kw = dict(D=torch.randn(d, generator=g), delta_softplus=True)
     with torch.no_grad():
-        selective_scan(*args, **kw)
+        selective_scan(*args, method="chunked", **kw)
         fast_t, ref_t = [], []
         for _ in range(s.repeats):
-            fast_t.append(_timed(lambda: selective_scan(*args, **kw)))
+            fast_t.append(_timed(lambda: selective_scan(*args, method="chunked", **kw)))
             ref_t.append(_timed(lambda: selective_scan(*args, method="reference", **kw)))
     res.scan_chunked_ms, res.scan_reference_ms = min(fast_t) * 1e3, min(ref_t) * 1e3
     res.scan_speedup = res.scan_reference_ms / res.scan_chunked_ms
@@ -179,18 +187,8 @@ def run_mamba2_prefill(s: BenchSettings, say) -> dict:
     say("Mamba-2: building models")
     ours, hf = _mamba2_models(s)
     ids = torch.randint(0, s.vocab_size, (1, s.seq_len), generator=torch.Generator().manual_seed(s.seed))
-    out = {"prefill_s": None, "transformers_prefill_s": None, "prefill_speedup": None, "max_logit_diff": None}
-    ours_t, hf_t = [], []
-    with torch.no_grad():
-        logits = ours(ids).logits                                           # warm-up
-        if hf is not None:
-            ref = hf(ids, use_cache=False, logits_to_keep=1).logits[:, -1]
-            out["max_logit_diff"] = float((logits - ref).abs().max())
-        for r in range(s.repeats):
-            say(f"Mamba-2 prefill repeat {r + 1}/{s.repeats}")
-            ours_t.append(_timed(lambda: ours(ids)))
-            if hf is not None:
-                hf_t.append(_timed(lambda: hf(ids, use_cache=False, logits_to_keep=1)))
+    out = {"prefill_s": None, "transformers_prefill_s": None, "prefill_speedup": None}
+    ours_t, hf_t, out["max_logit_diff"] = _prefill_side_by_side(ours, hf, ids, s.repeats, say, "Mamba-2 ")
     out["prefill_s"] = min(ours_t)
     out["prefill_gflops"] = 2 * lm_macs(ours.config, [s.seq_len] * s.n_layer) / out["prefill_s"] / 1e9
     if hf_t:
