@@ -12,6 +12,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from mambaprune.models.checkpoints import from_transformers_model  # noqa: E402
+from mambaprune.models.mamba_lm import MambaConfig as LMConfig, MambaLM  # noqa: E402
 
 torch.set_num_threads(2)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")    # a repo id in a test never downloads (mambaprune.models.hub)
@@ -59,6 +60,15 @@ def hf_pair(seed=0, **hf_kwargs):
     hf = MambaForCausalLM(MambaConfig(**cfg)).eval()
     randomize_(hf, seed)
     return hf, from_transformers_model(hf)
+
+
+def mamba2_lm(seed=0, **fields):
+    """Our Mamba-2 LM alone (several groups, chunks of 4 tokens), random but far from degenerate."""
+    cfg = dict(layer="Mamba2", d_model=32, n_layer=3, vocab_size=64, d_state=8, headdim=8, ngroups=2, chunk_size=4,
+               pad_vocab_size_multiple=16, tie_embeddings=False)
+    lm = MambaLM(LMConfig(**dict(cfg, **fields))).eval()
+    randomize_(lm, seed)
+    return lm
 
 
 @pytest.fixture

@@ -7,13 +7,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import randomize_
+from conftest import mamba2_lm, randomize_
 from mambaprune import MambaConfig, MambaLM
 from mambaprune.models.checkpoints import CheckpointError, from_transformers_model, load_mamba_lm, save_mamba_lm
 from mambaprune.pruning import build
 from mambaprune.ssm.ssd import (CPU_CHUNK_SIZE, prefill_chunk_size, segsum, ssd_scan, ssd_scan_reference,
                                 ssd_state_update, time_step)
-from test_mamba_lm import _drop_positions_hook, _left_pad, _run_by_hand
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -160,15 +159,6 @@ def hf_mamba2_pair(seed=0, **hf_kwargs):
     return hf, from_transformers_model(hf)
 
 
-def mamba2_lm(seed=0, **fields):
-    """Our Mamba-2 LM alone, random but far from degenerate."""
-    cfg = dict(layer="Mamba2", d_model=32, n_layer=3, vocab_size=64, d_state=8, headdim=8, ngroups=2, chunk_size=4,
-               pad_vocab_size_multiple=16, tie_embeddings=False)
-    lm = MambaLM(MambaConfig(**dict(cfg, **fields))).eval()
-    randomize_(lm, seed)
-    return lm
-
-
 @pytest.fixture(scope="module")
 def lm2():
     """A 6-layer Mamba-2 LM with several groups and chunks of 4 tokens."""
@@ -294,64 +284,6 @@ def test_prefill_then_decoding_equals_full_forward(fields):
             token = logits.argmax(-1)
             seq = torch.cat([seq, token[:, None]], 1)
             logits = lm.step(token, out.cache)
-
-
-def test_decode_after_pruned_prefill_matches_from_scratch(lm2):
-    ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(3))
-    hook = _drop_positions_hook(1, [0, 3, 4, 7, 8, 10])
-    gen = lm2.generate(ids, hook=hook, max_new_tokens=8, eos_token_id=None)
-    with torch.no_grad():
-        out = lm2(ids, hook=hook, use_cache=True)
-        logits = out.logits
-        for i in range(gen.shape[1]):
-            full = torch.cat([ids, gen[:, :i]], dim=1)
-            scratch = lm2(full, hook=hook).logits
-            torch.testing.assert_close(logits, scratch, rtol=0, atol=1e-4)
-            assert int(scratch.argmax(-1)) == int(gen[0, i])
-            logits = lm2.step(gen[:, i], out.cache)
-
-
-@pytest.mark.parametrize("cut_after", [-1, 0, 2, 5])
-def test_drop_after_layer_k_equals_hand_cut(lm2, cut_after):
-    L, drop = 20, [2, 5, 6, 9, 11]
-    ids = torch.randint(0, 64, (1, L), generator=torch.Generator().manual_seed(2))
-    keep_idx = [i for i in range(L) if i not in drop]
-
-    def hook(seq):
-        if seq.layer == cut_after:
-            keep = torch.ones_like(seq.mask)
-            keep[:, drop] = False
-            return seq.select(keep)
-
-    with torch.no_grad():
-        out = lm2(ids, hook=hook)
-        expected = _run_by_hand(lm2, ids, cut_after, keep_idx)
-    torch.testing.assert_close(out.logits, expected, rtol=0, atol=1e-5)
-    assert out.tokens_per_layer == [L] * (cut_after + 1) + [L - len(drop)] * (6 - cut_after - 1)
-    assert out.sequence.positions[0].tolist() == keep_idx
-
-
-@pytest.mark.parametrize("pruned", [False, True])
-def test_left_padded_batch_equals_one_at_a_time(lm2, pruned):
-    g = torch.Generator().manual_seed(4)
-    prompts = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (5, 11, 2, 8)]
-    ids, mask = _left_pad(prompts, pad=7)
-
-    def hook(seq):  # samples keep different numbers of tokens: re-padding on the left is exercised
-        if pruned and seq.layer == 1:
-            return seq.select(seq.positions % 3 != 1)
-
-    with torch.no_grad():
-        batched = lm2(ids, attention_mask=mask, hook=hook, use_cache=True)
-        gen = lm2.generate(ids, attention_mask=mask, hook=hook, max_new_tokens=5, eos_token_id=None)
-        for i, p in enumerate(prompts):
-            alone = lm2(torch.tensor([p]), hook=hook, use_cache=True)
-            torch.testing.assert_close(batched.logits[i], alone.logits[0], rtol=0, atol=1e-5)
-            for b_state, a_state in zip(batched.cache.layers, alone.cache.layers):   # padding left them untouched
-                torch.testing.assert_close(b_state.ssm_state[i], a_state.ssm_state[0], rtol=1e-5, atol=1e-5)
-                torch.testing.assert_close(b_state.conv_state[i], a_state.conv_state[0], rtol=1e-5, atol=1e-5)
-            assert torch.equal(gen[i], lm2.generate(torch.tensor([p]), hook=hook, max_new_tokens=5,
-                                                    eos_token_id=None)[0])
 
 
 def test_dtp_keep_all_without_late_pruning_changes_nothing(lm2):

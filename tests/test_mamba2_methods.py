@@ -20,7 +20,7 @@ from mambaprune.pruning.calibration import calibrate_dtp, importance_by_layer, s
 from mambaprune.pruning.dtp import layer_std
 from mambaprune.ssm.ssd import ssd_scan, ssd_scan_reference
 
-from test_mamba2 import mamba2_lm
+from conftest import mamba2_lm
 from test_pruning import ALL_PARAMS, N_TEXT, N_VIS, Recorder, vlm_like_inputs
 from test_vlm import make_image
 

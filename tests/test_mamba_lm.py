@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 
 from mambaprune import MambaConfig, MambaLM, TokenSequence
-from conftest import hf_pair
+from conftest import hf_pair, mamba2_lm
 
 CONFIGS = [
     dict(hidden_size=48, num_hidden_layers=3, state_size=8, conv_kernel=4, time_step_rank=4),
@@ -67,8 +67,16 @@ def _run_by_hand(model, ids, cut_after, keep_idx):
     return model.lm_head(model.backbone.norm_f(hidden + residual)[:, -1])
 
 
+@pytest.fixture(params=["Mamba1", "Mamba2"])
+def lm_of_each_kind(request, small_lm):
+    """The engine's invariants hold for both layer kinds in the one layer loop: the 6-layer Mamba (v1) model, or a
+    6-layer Mamba-2 one (several groups, chunks of 4 tokens)."""
+    return small_lm if request.param == "Mamba1" else mamba2_lm(seed=1, n_layer=6)
+
+
 @pytest.mark.parametrize("cut_after", [-1, 0, 2, 5])
-def test_drop_after_layer_k_equals_hand_cut(small_lm, cut_after):
+def test_drop_after_layer_k_equals_hand_cut(lm_of_each_kind, cut_after):
+    small_lm = lm_of_each_kind
     L = 20
     ids = torch.randint(0, 64, (1, L), generator=torch.Generator().manual_seed(2))
     is_visual = torch.zeros(1, L, dtype=torch.bool)
@@ -106,11 +114,13 @@ def _drop_positions_hook(layer, positions):
 SCAN_METHODS = ["reference", "chunked", "parallel", "triton"]   # every path that runs on a CPU (triton: interpreted)
 
 
-@pytest.mark.parametrize("scan_method", SCAN_METHODS)
+@pytest.mark.parametrize("kind,scan_method", [("Mamba1", m) for m in SCAN_METHODS] + [("Mamba2", "auto")])
 @pytest.mark.parametrize("cut_after", [-1, 1])
-def test_decode_after_pruned_prefill_matches_from_scratch(small_lm, scan_method, cut_after):
+def test_decode_after_pruned_prefill_matches_from_scratch(small_lm, kind, scan_method, cut_after):
     """Decoding from a pruned prefill's states = forwards from scratch over the prompt and the tokens generated so
-    far with the same cut; a cut before the first layer is a forward over the kept tokens alone."""
+    far with the same cut; a cut before the first layer is a forward over the kept tokens alone. Mamba-2 layers
+    have one scan (the SSD)."""
+    small_lm = small_lm if kind == "Mamba1" else mamba2_lm(seed=1, n_layer=6)
     small_lm.scan_method = scan_method
     dropped = [0, 3, 4, 7, 8, 10]
     ids = torch.randint(0, 64, (1, 16), generator=torch.Generator().manual_seed(3))
@@ -142,7 +152,10 @@ def _left_pad(seqs, pad=0):
 
 
 @pytest.mark.parametrize("pruned", [False, True])
-def test_batched_equals_one_at_a_time(small_lm, pruned):
+def test_batched_equals_one_at_a_time(lm_of_each_kind, pruned):
+    """Logits, decoding states (padding leaves them untouched) and generations of a left-padded batch equal each
+    sample's alone, also when samples keep different numbers of tokens."""
+    small_lm = lm_of_each_kind
     g = torch.Generator().manual_seed(4)
     prompts = [torch.randint(1, 64, (n,), generator=g).tolist() for n in (5, 11, 2, 8)]
     ids, mask = _left_pad(prompts, pad=7)
@@ -152,12 +165,15 @@ def test_batched_equals_one_at_a_time(small_lm, pruned):
             return seq.select(seq.positions % 3 != 1)
 
     with torch.no_grad():
-        batched = small_lm(ids, attention_mask=mask, hook=hook).logits
+        batched = small_lm(ids, attention_mask=mask, hook=hook, use_cache=True)
         gen = small_lm.generate(ids, attention_mask=mask, hook=hook, max_new_tokens=6, eos_token_id=None)
         for i, p in enumerate(prompts):
             single_ids = torch.tensor([p])
-            single = small_lm(single_ids, hook=hook).logits
-            torch.testing.assert_close(batched[i], single[0], rtol=0, atol=1e-5)
+            single = small_lm(single_ids, hook=hook, use_cache=True)
+            torch.testing.assert_close(batched.logits[i], single.logits[0], rtol=0, atol=1e-5)
+            for b_state, a_state in zip(batched.cache.layers, single.cache.layers):
+                torch.testing.assert_close(b_state.ssm_state[i], a_state.ssm_state[0], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(b_state.conv_state[i], a_state.conv_state[0], rtol=1e-5, atol=1e-5)
             single_gen = small_lm.generate(single_ids, hook=hook, max_new_tokens=6, eos_token_id=None)
             assert torch.equal(gen[i], single_gen[0])
 
