@@ -452,3 +452,19 @@ def test_failing_or_missing_upstream(monkeypatch):
     monkeypatch.setitem(sys.modules, "mamba_ssm.ops.selective_scan_interface", None)
     with pytest.raises(ValueError, match="not usable"):
         resolve_method("mamba_ssm", "cpu")
+
+
+def test_the_triton_probe_accepts_the_kernels_and_refuses_a_wrong_one(interpret, monkeypatch):
+    """The probe "auto" runs once per GPU, here on CPU tensors through the interpreter: the kernels pass; a scan
+    kernel that returns wrong values is refused."""
+    from mambaprune.ssm import methods, triton_scan
+
+    methods._probe_triton(triton_scan, torch.device("cpu"))
+    right = triton_scan.scan_triton
+
+    def off_by_one(*args, **kw):
+        y, last = right(*args, **kw)
+        return y + 1.0, last
+    monkeypatch.setattr(triton_scan, "scan_triton", off_by_one)
+    with pytest.raises(RuntimeError, match="disagree"):
+        methods._probe_triton(triton_scan, torch.device("cpu"))

@@ -2,7 +2,8 @@
 
 ``method``: ``"reference"`` (sequential loop), ``"chunked"`` (the fast CPU scan), ``"parallel"`` (O(log L)
 launches, for GPUs without Triton), ``"triton"`` (a fused inference kernel), ``"mamba_ssm"`` (the released
-CUDA kernel, when installed and working), or ``"auto"`` (see :func:`resolve_method`). The SSD scan of Mamba-2 is in :mod:`mambaprune.ssm.ssd`.
+CUDA kernel, when installed and working), or ``"auto"`` (see :func:`resolve_method`). The SSD scan of Mamba-2
+is in :mod:`mambaprune.ssm.ssd`.
 """
 from __future__ import annotations
 

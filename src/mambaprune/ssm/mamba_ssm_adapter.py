@@ -30,7 +30,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
-from .reference import selective_scan_reference
+from .reference import probe_inputs, selective_scan_reference
 
 #: name -> (module, attribute) of the upstream functions this adapter calls.
 UPSTREAM = {
@@ -64,27 +64,21 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 def _probe_call(name: str, fn, device: torch.device) -> None:
     """Call ``fn`` on tiny tensors of ``device``; raise if it fails or disagrees with this package's result."""
     g = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(device)
-
-    batch, dim, dstate, length = 1, 8, 4, 5
-    u, delta, z = rand(batch, dim, length), rand(batch, dim, length), rand(batch, dim, length)
-    A = -torch.rand(dim, dstate, generator=g).to(device) - 0.5
-    B, C = rand(batch, dstate, length), rand(batch, dstate, length)
-    D, bias = rand(dim), rand(dim)
+    batch, dim, length = 1, 8, 5
+    x = probe_inputs(device, batch, dim, 4, length, g)
+    u, delta, z, A, B, C, D, bias, h0 = (x[k] for k in ("u", "delta", "z", "A", "B", "C", "D", "delta_bias", "h0"))
     if name == "selective_scan_fn":
         got, _ = selective_scan(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True, _fn=fn)
         want = selective_scan_reference(u, delta, A, B, C, D=D, z=z, delta_bias=bias, delta_softplus=True)
     elif name == "selective_state_update":
-        h0 = rand(batch, dim, dstate)
         got = selective_state_update(h0.clone(), u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0], D=D,
                                      z=z[..., 0], delta_bias=bias, delta_softplus=True, _fn=fn)
         want = selective_scan_reference(u[..., :1], delta[..., :1], A, B[..., :1], C[..., :1], D=D,
                                         z=z[..., :1], delta_bias=bias, delta_softplus=True,
                                         initial_state=h0)[..., 0]
     else:
-        x, weight, cbias = rand(batch, length, dim), rand(dim, 4), rand(dim)
+        x = torch.randn(batch, length, dim, generator=g).to(device)
+        weight, cbias = torch.randn(dim, 4, generator=g).to(device), torch.randn(dim, generator=g).to(device)
         conv = F.conv1d(x.transpose(1, 2), weight[:, None], cbias, padding=3, groups=dim)[..., :length]
         if name == "causal_conv1d_fn":
             got = causal_conv1d(x, weight, cbias, activation="silu", _fn=fn)

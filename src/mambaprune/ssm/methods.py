@@ -6,7 +6,7 @@ import warnings
 import torch
 
 from . import mamba_ssm_adapter
-from .reference import selective_scan_reference
+from .reference import probe_inputs, selective_scan_reference
 
 #: The scan methods ``selective_scan``, ``scan_layer`` and ``selective_state_update`` accept.
 METHODS = ("auto", "reference", "chunked", "parallel", "triton", "mamba_ssm")
@@ -27,27 +27,18 @@ def _triton_scan():
 def _probe_triton(ts, device: torch.device) -> None:
     """Run both Triton kernels on tiny tensors of ``device`` (odd sizes, masking included) and compare them
     with the sequential reference; raise if either fails or disagrees."""
-    g = torch.Generator().manual_seed(0)
-
-    def rand(*shape):
-        return torch.randn(*shape, generator=g).to(device)
-
-    batch, dim, dstate, length = 2, 5, 3, 4
-    u, delta, z = rand(batch, length, dim), rand(batch, length, dim), rand(batch, length, dim)
-    A = -torch.rand(dim, dstate, generator=g).to(device) - 0.5
-    B, C, h0 = rand(batch, length, dstate), rand(batch, length, dstate), rand(batch, dim, dstate)
-    D, bias = rand(dim), rand(dim)
-    kw = dict(D=D, delta_bias=bias, delta_softplus=True)
-    y, last = ts.scan_triton(u, delta, A, B, C, z=z, initial_state=h0, **kw)
-    y_ref, last_ref = selective_scan_reference(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2),
-                                               C.transpose(1, 2), z=z.transpose(1, 2), return_last_state=True,
-                                               initial_state=h0, **kw)
+    x = probe_inputs(device, 2, 5, 3, 4, torch.Generator().manual_seed(0))         # odd sizes: masking included
+    u, delta, z, A, B, C, h0 = (x[k] for k in ("u", "delta", "z", "A", "B", "C", "h0"))
+    kw = dict(D=x["D"], delta_bias=x["delta_bias"], delta_softplus=True)
+    # the kernels take the layers' (batch, L, channels) layout through strides: transposed views, no copies
+    y, last = ts.scan_triton(u.transpose(1, 2), delta.transpose(1, 2), A, B.transpose(1, 2), C.transpose(1, 2),
+                             z=z.transpose(1, 2), initial_state=h0, **kw)
+    y_ref, last_ref = selective_scan_reference(u, delta, A, B, C, z=z, return_last_state=True, initial_state=h0,
+                                               **kw)
     state = h0.clone()
-    y1 = ts.state_update_triton(state, u[:, 0], delta[:, 0], A, B[:, 0], C[:, 0], z=z[:, 0], **kw)
-    y1_ref, state_ref = selective_scan_reference(u[:, :1].transpose(1, 2), delta[:, :1].transpose(1, 2), A,
-                                                 B[:, :1].transpose(1, 2), C[:, :1].transpose(1, 2),
-                                                 z=z[:, :1].transpose(1, 2), return_last_state=True,
-                                                 initial_state=h0, **kw)
+    y1 = ts.state_update_triton(state, u[..., 0], delta[..., 0], A, B[..., 0], C[..., 0], z=z[..., 0], **kw)
+    y1_ref, state_ref = selective_scan_reference(u[..., :1], delta[..., :1], A, B[..., :1], C[..., :1],
+                                                 z=z[..., :1], return_last_state=True, initial_state=h0, **kw)
     for got, want in ((y.transpose(1, 2), y_ref), (last, last_ref), (y1, y1_ref[..., 0]), (state, state_ref)):
         if not torch.allclose(got.float().cpu(), want.float().cpu(), rtol=1e-3, atol=1e-4):
             raise RuntimeError("the Triton kernels disagree with the reference scan")

@@ -45,3 +45,16 @@ def selective_scan_reference(u, delta, A, B, C, D=None, z=None, delta_bias=None,
         out = out * F.silu(z.float())
     out = out if out_fp32 else out.to(dtype_in)
     return (out, h) if return_last_state else out
+
+
+def probe_inputs(device, batch: int, dim: int, dstate: int, length: int, generator: torch.Generator) -> dict:
+    """Tiny random inputs in mamba_ssm's layout for a probe call that checks a fast scan against this one:
+    ``u, delta, z`` (batch, dim, L), ``A`` (dim, dstate) in [-1.5, -0.5), ``B, C`` (batch, dstate, L), ``D``,
+    ``delta_bias`` (dim,), ``h0`` (batch, dim, dstate); drawn on the CPU from ``generator``, then moved."""
+    def rand(*shape):
+        return torch.randn(*shape, generator=generator).to(device)
+
+    return dict(u=rand(batch, dim, length), delta=rand(batch, dim, length), z=rand(batch, dim, length),
+                A=-torch.rand(dim, dstate, generator=generator).to(device) - 0.5,
+                B=rand(batch, dstate, length), C=rand(batch, dstate, length), D=rand(dim), delta_bias=rand(dim),
+                h0=rand(batch, dim, dstate))
