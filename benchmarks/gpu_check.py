@@ -393,42 +393,44 @@ def run_mamba2(dims: Dims, device, failures) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- report
+def markdown_table(header: list[str], rows: list[dict], keys: list[str], figures) -> list[str]:
+    """Markdown lines of a table: each row's ``keys`` columns, then ``figures(row)`` (a list of cells), or, for a
+    row of something that could not run, the reason instead of the figures."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for r in rows:
+        rest = ([f"not available: {r['unavailable']}"] + [""] * (len(header) - len(keys) - 1)
+                if "unavailable" in r else figures(r))
+        lines.append("| " + " | ".join([str(r[k]) for k in keys] + rest) + " |")
+    return lines
+
+
+def _model_figures(r: dict) -> list[str]:
+    ratios = ([f"{r['flops_ratio']:.3f}", f"{r['time_ratio']:.3f}", f"{r['time_over_flops']:.2f}"]
+              if "flops_ratio" in r else ["", "", ""])
+    return ([f"{r['ms_prefill']:.1f}", "" if r["ms_decode_per_token"] is None else f"{r['ms_decode_per_token']:.2f}",
+             f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"] + ratios
+            + [{True: "yes", False: "no"}.get(r.get("same_tokens_as_first_path"), "")])
+
+
 def format_report(report: dict) -> str:
     d = report["dims"]
     out = [f"# GPU check: {report['device']}, torch {report['torch']}", "",
            f"Scan: d_inner {2 * d['d_model']}, d_state {d['d_state']}, L {d['n_visual'] + d['n_text']}, batch 1; "
-           f"error = max |path - fp32 reference| / max |reference|.", "",
-           "| path | inputs | ms | x reference | error y | error state |", "|---|---|---|---|---|---|"]
-    for r in report["scan"]:
-        if "unavailable" in r:
-            out.append(f"| {r['path']} | {r['dtype']} | not available: {r['unavailable']} | | | |")
-        else:
-            out.append(f"| {r['path']} | {r['dtype']} | {r['ms']:.3f} | {r.get('speedup_vs_reference', 1.0):.1f} | "
-                       f"{r['err_y']:.1e} | {r['err_state']:.1e} |")
-    out += ["", "State update (10 tokens, against the reference scan):", "",
-            "| path | state dtype | us / step | error y | error state |", "|---|---|---|---|---|"]
-    for r in report["state_update"]:
-        if "unavailable" in r:
-            out.append(f"| {r['path']} | {r['state_dtype']} | not available: {r['unavailable']} | | |")
-        else:
-            out.append(f"| {r['path']} | {r['state_dtype']} | {r['us_per_step']:.1f} | {r['err_y']:.1e} | "
-                       f"{r['err_state']:.1e} |")
+           f"error = max |path - fp32 reference| / max |reference|.", ""]
+    out += markdown_table(["path", "inputs", "ms", "x reference", "error y", "error state"], report["scan"],
+                          ["path", "dtype"], lambda r: [f"{r['ms']:.3f}", f"{r.get('speedup_vs_reference', 1.0):.1f}",
+                                                        f"{r['err_y']:.1e}", f"{r['err_state']:.1e}"])
+    out += ["", "State update (10 tokens, against the reference scan):", ""]
+    out += markdown_table(["path", "state dtype", "us / step", "error y", "error state"], report["state_update"],
+                          ["path", "state_dtype"],
+                          lambda r: [f"{r['us_per_step']:.1f}", f"{r['err_y']:.1e}", f"{r['err_state']:.1e}"])
     out += ["", f"Model: {d['n_layer']} layers, d_model {d['d_model']}, vocab {d['vocab_size']}, bf16, "
             f"{d['n_visual']} visual + {d['n_text']} text tokens, batch 1, {d['decode_tokens']} new tokens; "
             f"DTP keep 0.5, early {d['early_layer']}, late {d['late_layer']}; min prefill / median decode of "
-            f"{d['repeats']} runs.", "",
-            "| path | method | prefill ms | decode ms/token | peak MiB | FLOPs ratio | time ratio | time / FLOPs "
-            "| tokens as first path |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in report["model"]:
-        if "unavailable" in r:
-            out.append(f"| {r['path']} | {r['method']} | not available: {r['unavailable']} | | | | | | |")
-            continue
-        dec = "" if r["ms_decode_per_token"] is None else f"{r['ms_decode_per_token']:.2f}"
-        peak = f"{r['peak_mib']:.0f}" if "peak_mib" in r else "-"
-        ratios = (f"{r['flops_ratio']:.3f} | {r['time_ratio']:.3f} | {r['time_over_flops']:.2f}"
-                  if "flops_ratio" in r else " | | ")
-        same = {True: "yes", False: "no"}.get(r.get("same_tokens_as_first_path"), "")
-        out.append(f"| {r['path']} | {r['method']} | {r['ms_prefill']:.1f} | {dec} | {peak} | {ratios} | {same} |")
+            f"{d['repeats']} runs.", ""]
+    out += markdown_table(["path", "method", "prefill ms", "decode ms/token", "peak MiB", "FLOPs ratio", "time ratio",
+                           "time / FLOPs", "tokens as first path"], report["model"], ["path", "method"],
+                          _model_figures)
     m2 = report.get("mamba2")
     if m2:
         out += ["", f"Mamba-2: {d['n_layer']} layers, d_model {d['d_model']}, heads of {d['mamba2_headdim']}, "
