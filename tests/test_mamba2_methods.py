@@ -23,6 +23,7 @@ from mambaprune.ssm.ssd import ssd_scan, ssd_scan_reference
 from conftest import mamba2_lm
 from test_pruning import ALL_PARAMS, N_TEXT, N_VIS, Recorder, vlm_like_inputs
 from test_vlm import make_image
+from test_vlm_pruning import check_method_through_answer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -205,12 +206,7 @@ VLM_PARAMS = {"dtp": dict(keep_ratio=0.5, early_layer=1, late_layer=6), "fastv":
 @pytest.mark.parametrize("name", sorted(ALL_PARAMS))
 def test_every_method_through_the_mamba2_multimodal_model(vlm2, name):
     img, q = make_image(2), "how many shapes are there?"
-    pruner = build(name, **VLM_PARAMS.get(name, {}))
-    assert isinstance(vlm2.answer(img, q, pruner=pruner, max_new_tokens=4), str)
-    prepared = vlm2.prepare(img, q)
-    out = vlm2.prefill(prepared, pruner=pruner)
-    n_vis, n_text = prepared.num_visual, prepared.inputs_embeds.shape[1] - prepared.num_visual
-    assert out.tokens_per_layer == pruner.expected_tokens(vlm2.lm.config.n_layer, n_vis, n_text)
+    check_method_through_answer(vlm2, build(name, **VLM_PARAMS.get(name, {})), img, q)
     if name in KEEP_ALL:
         params = {**VLM_PARAMS.get(name, {}), **KEEP_ALL[name]}
         assert vlm2.answer(img, q, pruner=build(name, **params), max_new_tokens=6) == \

@@ -27,15 +27,19 @@ def test_dtp_keeping_everything_answers_exactly_as_unpruned(vlm):
     assert same == ref
 
 
-@pytest.mark.parametrize("name", available_methods())
-def test_every_method_runs_through_answer_and_cuts_only_visual_tokens(vlm, name):
-    img, q = make_image(2), "how many shapes are there?"
-    pruner = build(name, **PARAMS.get(name, {}))
+def check_method_through_answer(vlm, pruner, img, q):
+    """``answer`` gives text with ``pruner``, and a prefill's per-layer token counts are the ones the method
+    announces (``expected_tokens``), which cut visual tokens only."""
     assert isinstance(vlm.answer(img, q, pruner=pruner, max_new_tokens=4), str)
     prepared = vlm.prepare(img, q)
     out = vlm.prefill(prepared, pruner=pruner)
     n_vis, n_text = prepared.num_visual, prepared.inputs_embeds.shape[1] - prepared.num_visual
     assert out.tokens_per_layer == pruner.expected_tokens(vlm.lm.config.n_layer, n_vis, n_text)
+
+
+@pytest.mark.parametrize("name", available_methods())
+def test_every_method_runs_through_answer_and_cuts_only_visual_tokens(vlm, name):
+    check_method_through_answer(vlm, build(name, **PARAMS.get(name, {})), make_image(2), "how many shapes are there?")
 
 
 def test_calibration_and_vtw_search_on_prepared_inputs(vlm, tmp_path):
