@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..pruning.sequence import TokenSequence
 from ..ssm import scan_layer, selective_state_update
-from ..ssm.conv import causal_conv1d, causal_conv1d_update
+from ..ssm.conv import causal_conv1d, causal_conv1d_final_state, causal_conv1d_update
 from .mamba2 import Mamba2Mixer
 
 Hook = Callable[[TokenSequence], "TokenSequence | None"]
@@ -250,7 +250,6 @@ class MambaMixer(nn.Module):
         Signals are read from tensors this pass computes anyway (see TokenSequence.signals).
         All tensors stay in (batch, L, channels) layout.
         """
-        L = x.shape[1]
         xs, z, u, dt, B, C = self.project(x, mask)
         A = -torch.exp(self.A_log.float())
         signals = {}
@@ -267,11 +266,8 @@ class MambaMixer(nn.Module):
                            "y": y.mean(-1)}
             y = y * F.silu(z.float())
         if cache is not None:
-            k = self.d_conv
-            tail = xs[:, L - k:] if L >= k else F.pad(xs, (0, 0, k - L, 0))
-            conv_state = tail.transpose(1, 2).contiguous()                       # (b, d_inner, d_conv)
-            state_dtype = cache.state_dtype or xs.dtype
-            cache.layers[layer_idx] = LayerCache(conv_state, last_state.to(state_dtype))
+            cache.set_layer(layer_idx, causal_conv1d_final_state(xs, self.d_conv),     # (b, d_inner, d_conv)
+                            last_state.to(cache.state_dtype or xs.dtype))
         return self.out_proj(y.to(z.dtype)), signals
 
     def step(self, x: torch.Tensor, state: LayerCache) -> torch.Tensor:
