@@ -107,21 +107,8 @@ def selective_scan(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_sof
                                                    delta_softplus=delta_softplus)
         y = y.to(u.dtype)
         return (y, last) if return_last_state else y
-    dtype_in = u.dtype
-    uf = u.float()
-    delta = delta.float()
-    if delta_bias is not None:
-        delta = delta + delta_bias.float()[:, None]
-    if delta_softplus:
-        delta = F.softplus(delta)
-    y, last = _TORCH_SCANS[method](uf.transpose(1, 2), delta.transpose(1, 2), A.float(), B.float().transpose(1, 2),
-                                   C.float().transpose(1, 2))
-    y = y.transpose(1, 2).contiguous()                    # back to (batch, d_inner, L), one copy
-    if D is not None:
-        y = torch.addcmul(y, uf, D.float()[:, None])
-    if z is not None:
-        y = y * F.silu(z.float())
-    y = y.to(dtype_in)
+    y, last = _torch_scan(method, _t(u), _t(delta), A, _t(B), _t(C), D, _t(z), delta_bias, delta_softplus)
+    y = _t(y).contiguous().to(u.dtype)                    # back to (batch, d_inner, L), one copy
     return (y, last) if return_last_state else y
 
 
@@ -158,6 +145,12 @@ def scan_layer(u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplu
                                                    initial_state=initial_state)
         out = torch.empty(y.shape[0], y.shape[2], y.shape[1], device=y.device, dtype=torch.float32)
         return out.copy_(y.transpose(1, 2)), last
+    return _torch_scan(method, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state)
+
+
+def _torch_scan(method, u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state=None):
+    """The PyTorch scans (``"chunked"``, ``"parallel"``) in (batch, L, channels) layout, with the released fp32
+    arithmetic around them: Δ bias, then softplus, D and the silu(z) gate, all in fp32; fp32 y and last state."""
     uf = u.float()
     delta = delta.float()
     if delta_bias is not None:
