@@ -212,8 +212,9 @@ def test_matches_transformers_mamba2(cfg):
 
 # ------------------------------------------------------------------- options transformers lacks: a hand reference
 def reference_mixer(m, x, cfg):
-    """One Mamba-2 mixer written out from mamba_ssm's Mamba2.forward with F.conv1d, the sequential
-    ssd_scan_reference and the gated RMSNorm of layernorm_gated.rms_norm_ref."""
+    """One Mamba-2 mixer written out from mamba_ssm's Mamba2.forward (``modules/mamba2.py`` l.210-272: in_proj
+    split, conv over xBC, the scan, the gated MLP part) with F.conv1d, the sequential ssd_scan_reference and the
+    gated RMSNorm of ``ops/triton/layernorm_gated.py``'s rms_norm_ref."""
     d_ssm = cfg.d_ssm or cfg.d_inner
     d_mlp, h, g, n, P = cfg.d_inner - d_ssm, d_ssm // cfg.headdim, cfg.ngroups, cfg.d_state, cfg.headdim
     z0, x0, z, xBC, dt = F.linear(x, m.in_proj.weight, m.in_proj.bias).split(

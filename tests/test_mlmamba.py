@@ -43,7 +43,9 @@ def _conv_loop(x, weight, bias):
 
 
 def _direction_loop(zxbcdt, z, mixer, suffix, dims):
-    """One direction of mamba2.py's v2 forward, in its own time order, as a loop over time and heads:
+    """One direction of mamba2.py's v2 forward (WenjunHuang94/mamba ``mamba_ssm/modules/mamba2.py`` l.202-245; the
+    backward one on the whole in_proj output flipped, l.224; the two averaged, l.243), in its own time order, as a
+    loop over time and heads:
     conv + SiLU, h_t = exp(Δ_t A) h_{t-1} + Δ_t x_t B_t^T, y_t = h_t C_t + D x_t, then norm(y * silu(z))."""
     d_inner, g, n, h, p = dims
     conv = getattr(mixer, "conv1d" + suffix)
@@ -90,8 +92,9 @@ def _layer_norm(x, norm):
 
 
 def _stack_loop(stack, u):
-    """Bidirectional_Mamba: per block h + mixer(h) (no norm first), then h + w3(silu(w1 n) * w2 n), n = LN(h);
-    a final LayerNorm."""
+    """Bidirectional_Mamba (WenjunHuang94/mamba ``mamba_ssm/models/mixer_seq_simple.py`` l.232-316): per block
+    h + mixer(h) (no norm first), then h + w3(silu(w1 n) * w2 n), n = LN(h) (``modules/block.py`` l.61-64,
+    92-96); a final LayerNorm (l.288)."""
     h = u.double()
     for block in stack.layers:
         h = h + _mixer_loop(block.mixer, h, stack.config)

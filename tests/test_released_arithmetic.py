@@ -43,7 +43,10 @@ def sequential_scan(u, delta, A, B, C):
 
 
 def released_layer(block, hidden, residual):
-    """One layer as mamba_ssm rounds it: (output in the model's dtype, fp32 residual)."""
+    """One layer as mamba_ssm rounds it: (output in the model's dtype, fp32 residual). state-spaces/mamba:
+    fused add+norm on the fp32 sum (``modules/block.py`` l.57-66, ``ops/triton/layer_norm.py`` l.259-282); the
+    fast path's in_proj matmul, causal-conv1d in fp32 rounded once, dt_proj without its bias, the bias added in
+    fp32 before the softplus, D and the gate in fp32 (``modules/mamba_simple.py`` l.184-200)."""
     m, T = block.mixer, hidden.dtype
     s = hidden.float() if residual is None else residual.float() + hidden.float()
     normed = (s * torch.rsqrt(s.pow(2).mean(-1, keepdim=True) + block.norm.eps) * block.norm.weight.float()).to(T)
