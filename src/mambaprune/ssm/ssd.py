@@ -38,10 +38,11 @@ __all__ = ["ssd_scan", "ssd_scan_reference", "ssd_state_update", "time_step", "s
 
 NO_LIMIT = (0.0, float("inf"))
 
-#: The SSD chunk a layer uses on a CPU: the intra-chunk (quadratic) work grows with the chunk, and 64 was the
-#: fastest of 32..256 for a mamba2-130m-size model prefilling 760 tokens on one core (2.31 s against 3.45 s at
-#: the released 256; the logits differ by 1e-4, fp32 rounding). On CUDA the config's chunk is kept: fewer,
-#: larger chunks mean fewer kernel launches there.
+#: The SSD chunk a layer uses on a CPU: the intra-chunk (quadratic) work grows with the chunk. For a
+#: mamba2-130m-size model prefilling 760 tokens on one core, 64 took 2.30 s against 3.36 s at the released 256
+#: (32: 2.26 s, within noise, with twice the chunk loop's iterations); the logits differ by 1e-4, fp32 rounding
+#: (``python benchmarks/ssd_chunk_size.py``). On CUDA the config's chunk is kept: fewer, larger chunks mean
+#: fewer kernel launches there.
 CPU_CHUNK_SIZE = 64
 
 
