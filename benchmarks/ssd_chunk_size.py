@@ -45,7 +45,8 @@ def main(argv=None) -> None:
     finally:
         ssd.CPU_CHUNK_SIZE = saved
     ref = logits[max(args.chunks)]
-    print(f"| chunk | prefill s ({args.threads} thread(s), min of {args.repeats}) | max logit diff to {max(args.chunks)} |")
+    head = f"prefill s ({args.threads} thread(s), min of {args.repeats})"
+    print(f"| chunk | {head} | max logit diff to {max(args.chunks)} |")
     print("|---|---|---|")
     for c in args.chunks:
         print(f"| {c} | {min(times[c]):.2f} | {float((logits[c] - ref).abs().max()):.1e} |")
